@@ -1,0 +1,161 @@
+"""Text -> token ids under a ModelSpec: prompts, truncation, EOS, padding and length-bucketed batches.
+
+EOS is appended by this module, not by the tokenizer: transformers 5 can silently drop ``add_eos_token``
+(mteb PR #5237), so for last-token models we tokenize without a trailing EOS, truncate to ``max_length - 1``
+and append ``eos_token_id`` ourselves. Every sequence then ends in exactly one EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserInputError
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class Truncation(str, Enum):
+    TRUNCATE = "truncate"
+    ERROR = "error"
+
+
+@dataclass
+class Encoded:
+    ids: list[list[int]]
+    truncated: int  # how many inputs were cut to max_length
+
+
+@dataclass(frozen=True)
+class Batch:
+    indices: np.ndarray  # positions of these rows in the caller's input order
+    input_ids: np.ndarray  # int64 [b, s]
+    attention_mask: np.ndarray  # int64 [b, s]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def validate_texts(texts: Sequence[str] | str) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise UserInputError("no texts to embed: the input list is empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise UserInputError(f"input {i} is {type(t).__name__}, not str")
+        if not t.strip():
+            raise UserInputError(f"input {i} is empty or whitespace only")
+    return texts
+
+
+class TextTokenizer:
+    """Wraps a Hugging Face tokenizer with the spec's EOS, truncation and padding rules."""
+
+    def __init__(self, tokenizer: Any, spec: ModelSpec, *, truncation: Truncation = Truncation.TRUNCATE):
+        self.tok = tokenizer
+        self.spec = spec
+        self.truncation = Truncation(truncation)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if spec.append_eos and eos is None:
+            raise UserInputError("spec says append_eos but the tokenizer has no eos_token_id")
+        self.eos_id: int | None = eos if spec.append_eos else None
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if spec.prepend_bos and bos is None:
+            raise UserInputError("spec says prepend_bos but the tokenizer has no bos_token_id")
+        self.bos_id: int | None = bos if spec.prepend_bos else None
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id: int = int(pad if pad is not None else (eos if eos is not None else 0))
+        self.truncated_total = 0
+
+    @classmethod
+    def from_dir(cls, tokenizer_dir: Path, spec: ModelSpec, **kw: Any) -> "TextTokenizer":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+        return cls(tok, spec, **kw)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        texts = validate_texts(texts)
+        spec = self.spec
+        budget = spec.max_length - (1 if self.eos_id is not None else 0) - (1 if self.bos_id is not None else 0)
+        # No truncation inside the tokenizer: we need the true length to count (or refuse) truncation.
+        raw = self.tok(list(texts), add_special_tokens=True, truncation=False, padding=False)["input_ids"]
+        out: list[list[int]] = []
+        truncated = 0
+        for i, ids in enumerate(raw):
+            ids = list(ids)
+            if self.bos_id is not None and ids and ids[0] == self.bos_id:
+                ids = ids[1:]  # the tokenizer added it; we add it back below, outside the truncation budget
+            if self.eos_id is not None:
+                while ids and ids[-1] == self.eos_id:  # the tokenizer may or may not have added it
+                    ids.pop()
+            if len(ids) > budget:
+                if self.truncation is Truncation.ERROR:
+                    raise UserInputError(f"input {i} has {len(ids)} tokens, over the limit of {budget} (truncation='error')")
+                truncated += 1
+                ids = self._truncate(ids, budget)
+            if self.bos_id is not None:
+                ids.insert(0, self.bos_id)
+            if self.eos_id is not None:
+                ids.append(self.eos_id)
+            out.append(ids)
+        if truncated:
+            self.truncated_total += truncated
+            log.warning("truncated %d of %d inputs to max_length=%d", truncated, len(texts), spec.max_length)
+        return Encoded(out, truncated)
+
+    def _truncate(self, ids: list[int], budget: int) -> list[int]:
+        # Keep a trailing special token (e.g. BERT's [SEP]) when the tokenizer added one and we don't append EOS.
+        if self.eos_id is None:
+            sep = getattr(self.tok, "sep_token_id", None)
+            if sep is not None and ids and ids[-1] == sep:
+                return ids[: budget - 1] + [sep]
+        return ids[:budget]
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        longest = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), longest), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            if self.spec.padding_side == "right":
+                ids[r, : len(s)] = s
+                mask[r, : len(s)] = 1
+            else:
+                ids[r, longest - len(s):] = s
+                mask[r, longest - len(s):] = 1
+        return ids, mask
+
+
+def length_batches(seqs: Sequence[Sequence[int]], tokenizer: TextTokenizer, *, batch_size: int,
+                   max_batch_tokens: int | None = None) -> Iterator[Batch]:
+    """Sort by length (longest first) and cut into batches of at most ``batch_size`` rows and, when given,
+    ``max_batch_tokens`` padded tokens. Each batch carries the caller-order indices of its rows."""
+    if batch_size < 1:
+        raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise UserInputError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    start = 0
+    while start < len(order):
+        longest = len(seqs[order[start]])
+        n = batch_size
+        if max_batch_tokens is not None:
+            n = max(1, min(n, max_batch_tokens // max(longest, 1)))
+        idx = order[start:start + n]
+        ids, mask = tokenizer.pad([seqs[i] for i in idx])
+        yield Batch(np.asarray(idx, dtype=np.int64), ids, mask)
+        start += n
