@@ -1,0 +1,1 @@
+"""CLI command groups, one module per pipeline area; each exposes ``register(app)``."""

@@ -1,0 +1,48 @@
+"""``sfr-export build``: run the pipeline's stages in order into one output dir, resuming what is up to date."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import StageRecord
+from .models import ResolvedModel
+from .stages.common import Precision
+from .stages.export import ExportConfig, run_export
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    precision: Precision = Precision.FP32
+    force: bool = False
+    verify: bool = True
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def build(root: Path, model: ResolvedModel, config: BuildConfig,
+          on_progress: Callable[[str, str], None] | None = None) -> list[StageRecord]:
+    """Run every stage the requested precision needs. Returns the stage records in order."""
+    def stage_progress(stage: str) -> Callable[[str], None] | None:
+        return (lambda msg: on_progress(stage, msg)) if on_progress else None
+
+    records: list[StageRecord] = []
+    # fp32 ONNX is always built: it is the fp32 artifact, the source of int8 calibration, and fp16's fallback.
+    records.append(run_export(root, model, ExportConfig(precision=Precision.FP32, opset=config.export.opset,
+                                                        validate=config.export.validate, low_memory=config.export.low_memory),
+                              force=config.force, on_progress=stage_progress("export:fp32")))
+    if config.precision is Precision.FP16:
+        records.append(run_export(root, model, ExportConfig(precision=Precision.FP16, opset=config.export.opset,
+                                                            validate=config.export.validate, low_memory=config.export.low_memory),
+                                  force=config.force, on_progress=stage_progress("export:fp16")))
+    return records
+
+
+def stage_summary(rec: StageRecord) -> dict[str, Any]:
+    val = rec.figures.get("validation", {})
+    return {"stage": rec.name, "status": rec.status, "artifacts": [a.path for a in rec.artifacts],
+            "min_cosine": val.get("min_cosine"), "seconds": rec.figures.get("export_seconds")}
