@@ -26,6 +26,13 @@ class Truncation(str, Enum):
     TRUNCATE = "truncate"
     ERROR = "error"
 
+    @classmethod
+    def parse(cls, value: "Truncation | str") -> "Truncation":
+        try:
+            return cls(value)
+        except ValueError:
+            raise UserInputError(f"unknown truncation policy {value!r} (expected truncate or error)") from None
+
 
 @dataclass
 class Encoded:
@@ -64,7 +71,7 @@ class TextTokenizer:
     def __init__(self, tokenizer: Any, spec: ModelSpec, *, truncation: Truncation = Truncation.TRUNCATE):
         self.tok = tokenizer
         self.spec = spec
-        self.truncation = Truncation(truncation)
+        self.truncation = Truncation.parse(truncation)
         eos = getattr(tokenizer, "eos_token_id", None)
         if spec.append_eos and eos is None:
             raise UserInputError("spec says append_eos but the tokenizer has no eos_token_id")
@@ -88,8 +95,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return len(self.tok)
 
-    def encode(self, texts: Sequence[str]) -> Encoded:
+    def encode(self, texts: Sequence[str], *, truncation: Truncation | str | None = None) -> Encoded:
+        """Tokenize with the spec's BOS/EOS. ``truncation`` overrides this tokenizer's policy for one call."""
         texts = validate_texts(texts)
+        policy = self.truncation if truncation is None else Truncation.parse(truncation)
         spec = self.spec
         budget = spec.max_length - (1 if self.eos_id is not None else 0) - (1 if self.bos_id is not None else 0)
         # No truncation inside the tokenizer: we need the true length to count (or refuse) truncation.
@@ -104,7 +113,7 @@ class TextTokenizer:
                 while ids and ids[-1] == self.eos_id:  # the tokenizer may or may not have added it
                     ids.pop()
             if len(ids) > budget:
-                if self.truncation is Truncation.ERROR:
+                if policy is Truncation.ERROR:
                     raise UserInputError(f"input {i} has {len(ids)} tokens, over the limit of {budget} (truncation='error')")
                 truncated += 1
                 ids = self._truncate(ids, budget)
