@@ -1,0 +1,39 @@
+"""Service commands: ``serve`` (OpenAI-compatible embedding server) and ``bench`` (side-by-side backends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        directory: Path = typer.Argument(..., help="An sfr-export output dir."),
+        host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+        port: int = typer.Option(8080, help="TCP port."),
+        backend: str = typer.Option("auto", help="auto | onnxruntime | torch | tensorrt"),
+        variant: Optional[str] = typer.Option(None, help="ONNX variant: fp32 | fp16 | int8 | ..."),
+        model_name: Optional[str] = typer.Option(None, help="The `model` echoed in responses (default: manifest id)."),
+        truncation: str = typer.Option("error", help="error: over-long texts get 400 | truncate: cut to max length."),
+        max_batch_tokens: int = typer.Option(8192, help="Token budget of one dynamic batch."),
+        max_batch_size: int = typer.Option(64, help="Rows per runner call."),
+        max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to batch with."),
+        max_queue: int = typer.Option(1024, help="Inputs allowed to wait; beyond this requests get 429."),
+        max_inputs: int = typer.Option(2048, help="Inputs per request."),
+        max_input_chars: int = typer.Option(100_000, help="Characters per text input."),
+        max_request_bytes: int = typer.Option(2 * 1024 * 1024, help="Request body size."),
+        shutdown_timeout: float = typer.Option(30.0, help="Seconds to drain in-flight requests on SIGTERM."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip checksum verification at load."),
+    ) -> None:
+        """Serve POST /v1/embeddings (OpenAI schema), /health, /ready and /metrics with dynamic batching."""
+        from ..serve import BatchingConfig, EmbedderOptions, ServeConfig, run_server
+
+        cfg = ServeConfig(host=host, port=port, model_name=model_name, truncation=truncation, max_inputs=max_inputs,
+                          max_input_chars=max_input_chars, max_request_bytes=max_request_bytes,
+                          shutdown_timeout_s=shutdown_timeout,
+                          batching=BatchingConfig(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+                                                  max_wait_ms=max_wait_ms, max_queue_inputs=max_queue))
+        run_server(directory, cfg, EmbedderOptions(backend=backend, variant=variant, verify=not no_verify))
