@@ -1,0 +1,147 @@
+"""Observe linear-layer inputs of a torch backbone on calibration batches (padding excluded).
+
+One pass collects, per ``nn.Linear`` input: the per-channel abs-max (SmoothQuant), a per-tensor range by the chosen
+method (minmax | percentile | entropy, the latter two through onnxruntime's ``HistogramCollector``), and a small
+seeded subsample of token rows (per-group alpha search). Rows come only from attended positions, so batches may have
+any shape (the 'same-shape batches' trap of ORT's calibrators does not apply).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import CalibrationError, UserInputError
+
+log = logging.getLogger(__name__)
+
+QMAX = 127.0
+
+
+@dataclass(frozen=True)
+class ObserveConfig:
+    method: str = "minmax"  # minmax | percentile | entropy
+    percentile: float = 99.999
+    num_bins: int = 2048
+    num_quantized_bins: int = 128  # ORT's default; configurable here (the 'hard-wired 128 bins' trap)
+    keep_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.method not in ("minmax", "percentile", "entropy"):
+            raise UserInputError(f"unknown calibration method '{self.method}' (expected minmax, percentile or entropy)")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserInputError(f"percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass
+class LinearStats:
+    channel_absmax: np.ndarray  # [in_features]
+    absmax: float = 0.0
+    rows: list[np.ndarray] = field(default_factory=list)
+    n_rows: int = 0
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, self.channel_absmax.shape[0]), np.float32)
+
+
+def linear_modules(model: Any) -> dict[str, Any]:
+    import torch
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with contextlib.redirect_stdout(io.StringIO()):  # HistogramCollector prints progress lines
+        yield
+
+
+def observe(model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str],
+            config: ObserveConfig, *, seed: int = 0) -> tuple[dict[str, LinearStats], dict[str, float]]:
+    """Run ``model`` on ``batches`` (input_ids, attention_mask) and return per-linear stats and per-tensor ranges
+    (the activation abs-max threshold by ``config.method``), both keyed by module name."""
+    import torch
+
+    mods = linear_modules(model)
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise CalibrationError(f"linear layers {missing[:3]} not found in the model")
+    stats: dict[str, LinearStats] = {}
+    collector = None
+    if config.method != "minmax":
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+        collector = HistogramCollector(method=config.method, symmetric=True, num_bins=config.num_bins,
+                                       num_quantized_bins=config.num_quantized_bins, percentile=config.percentile,
+                                       scenario="same")
+    rng = np.random.default_rng(seed)
+    current_mask: list[torch.Tensor] = []
+    per_batch_rows = max(1, config.keep_rows // max(1, len(batches)))
+
+    def hook(name: str):
+        def fn(_mod: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            m = current_mask[0]
+            x2 = x[m.bool()] if x.dim() == 3 and x.shape[:2] == m.shape else x.reshape(-1, x.shape[-1])
+            x2 = x2.float()
+            cam = x2.abs().amax(dim=0).cpu().numpy()
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = LinearStats(channel_absmax=cam)
+            else:
+                np.maximum(st.channel_absmax, cam, out=st.channel_absmax)
+            st.absmax = max(st.absmax, float(cam.max()))
+            arr = x2.cpu().numpy()
+            take = rng.choice(arr.shape[0], size=min(per_batch_rows, arr.shape[0]), replace=False)
+            st.rows.append(arr[np.sort(take)].astype(np.float32))
+            st.n_rows += arr.shape[0]
+            if collector is not None:
+                with _quiet():
+                    collector.collect({name: arr.reshape(-1)})
+        return fn
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for ids, mask in batches:
+                t_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+                t_mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+                current_mask[:] = [t_mask]
+                model(input_ids=t_ids, attention_mask=t_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    ranges = {n: s.absmax for n, s in stats.items()}
+    if collector is not None:
+        with _quiet():
+            res = collector.compute_collection_result()
+        for n, v in res.items():
+            ranges[n] = float(max(abs(float(v[0])), abs(float(v[1]))))
+    for n, r in ranges.items():
+        if not np.isfinite(r):
+            raise CalibrationError(f"activation range of {n} is not finite ({r}): the model produced NaN/inf on calibration data")
+    return stats, ranges
+
+
+def act_scale(threshold: float) -> float:
+    return max(float(threshold), 1e-8) / QMAX
+
+
+def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric per-channel scales of a weight along ``axis`` (the output channel)."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    return np.maximum(np.abs(w).max(axis=red), 1e-12).astype(np.float32) / QMAX
+
+
+def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    s = weight_scales(w, axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / s.reshape(shape)), -QMAX, QMAX).astype(np.int8)
+    return q, s

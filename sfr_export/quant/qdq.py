@@ -1,0 +1,283 @@
+"""ONNX graph side of int8: map MatMuls to torch linears, fold SmoothQuant, insert explicit Q/DQ, stream weights.
+
+The explicit-quantization form TensorRT 11 consumes (standard ONNX ops only):
+- weights: int8 initializer -> ``DequantizeLinear(axis=1)`` (symmetric per output channel, zero point 0) -> MatMul B;
+- activations, only on MatMuls marked W8A8: ``QuantizeLinear -> DequantizeLinear`` with one static per-tensor scale
+  (int8 zero point 0) on input A;
+- Q/DQ only on MatMul inputs; attention-mask and position math stay float.
+
+Weights are read one tensor at a time (memory-mapped when external) and written straight to the output's external
+data file when the model is large, so quantizing never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CalibrationError
+from .observe import QMAX, act_scale, quantize_weight
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_THRESHOLD = 1_800_000_000
+MODES = ("w8a8", "w8", "float")
+
+
+@dataclass(frozen=True)
+class MatMulInfo:
+    module: str  # torch module name (without the export wrapper's "backbone." prefix)
+    node: str
+    weight: str  # initializer name of B ([in, out])
+    activation: str  # tensor name of A
+    bias_add: str | None = None  # Add node adding the bias, when the linear has one
+    bias: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and writing tensors without holding the model twice
+# ---------------------------------------------------------------------------------------------------------------
+def read_tensor(t: Any, base_dir: Path) -> np.ndarray:
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if not uses_external_data(t):
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type)
+    offset = int(info.get("offset", 0))
+    shape = tuple(int(d) for d in t.dims)
+    return np.memmap(base_dir / info["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+class TensorWriter:
+    """Makes initializers: embedded when small models, appended to ``<model>.data`` otherwise."""
+
+    def __init__(self, out_path: Path, *, external: bool):
+        self.out_path = Path(out_path)
+        self.external = external
+        self.data_name = self.out_path.name + ".data"
+        self._fh = open(self.out_path.parent / self.data_name, "wb") if external else None
+        self._offset = 0
+
+    def make(self, name: str, arr: np.ndarray) -> Any:
+        from onnx import TensorProto, numpy_helper
+
+        arr = np.ascontiguousarray(arr)
+        if self._fh is None or arr.nbytes < 1024:
+            return numpy_helper.from_array(np.asarray(arr), name)
+        t = TensorProto()
+        t.name = name
+        t.data_type = numpy_helper.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        pad = (-self._offset) % 64
+        self._fh.write(b"\0" * pad)
+        self._offset += pad
+        for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        t.data_location = TensorProto.EXTERNAL
+        self._fh.write(arr.tobytes())
+        self._offset += arr.nbytes
+        return t
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mapping MatMuls to torch linears
+# ---------------------------------------------------------------------------------------------------------------
+def _scope(node: Any) -> str | None:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            import ast
+
+            scopes = ast.literal_eval(p.value)
+            if len(scopes) >= 2:
+                return str(scopes[-2])
+    return None
+
+
+def map_matmuls(model: Any, linear_shapes: dict[str, tuple[int, int]]) -> dict[str, MatMulInfo]:
+    """Torch linear name -> the MatMul that computes it (via the exporter's name-scope metadata)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out: dict[str, MatMulInfo] = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or len(n.input) != 2 or n.input[1] not in inits:
+            continue
+        scope = _scope(n)
+        if scope is None:
+            continue
+        name = scope.removeprefix("backbone.")
+        if name not in linear_shapes:
+            continue
+        out_f, in_f = linear_shapes[name]
+        dims = tuple(int(d) for d in inits[n.input[1]].dims)
+        if dims != (in_f, out_f):
+            raise CalibrationError(f"MatMul {n.name} for {name} has weight shape {dims}, expected {(in_f, out_f)}")
+        if len(consumers.get(n.input[1], [])) != 1:
+            raise CalibrationError(f"weight {n.input[1]} of {name} is shared by several nodes: cannot quantize it alone")
+        bias_add = bias = None
+        for c in consumers.get(n.output[0], []):
+            if c.op_type == "Add":
+                other = [i for i in c.input if i != n.output[0]]
+                if other and other[0] in inits and tuple(inits[other[0]].dims) == (out_f,):
+                    bias_add, bias = c.name, other[0]
+        if name in out:
+            raise CalibrationError(f"linear {name} maps to two MatMuls ({out[name].node}, {n.name})")
+        out[name] = MatMulInfo(module=name, node=n.name, weight=n.input[1], activation=n.input[0],
+                               bias_add=bias_add, bias=bias)
+    if not out:
+        raise CalibrationError("no MatMul with a constant weight could be mapped to a torch linear layer: the ONNX graph "
+                               "is not Q/DQ-compatible (export it with `sfr-export export`, dynamo exporter)")
+    return out
+
+
+def norm_mul_for(model: Any, activation: str, channels: int) -> tuple[Any, int] | None:
+    """The RMSNorm ``Mul(weight, x)`` node producing ``activation`` and the input index of its [C] initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if activation in n.output and n.op_type == "Mul":
+            for k, i in enumerate(n.input):
+                if i in inits and tuple(int(d) for d in inits[i].dims) == (channels,):
+                    return n, k
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the quantized graph
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantPlan:
+    modes: dict[str, str]  # torch linear name -> w8a8 | w8 | float
+    act_thresholds: dict[str, float]  # torch linear name -> activation abs threshold (for w8a8)
+
+
+def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInfo], plan: QuantPlan,
+                    weight_of: Callable[[str], np.ndarray], bias_of: Callable[[str], np.ndarray | None],
+                    norm_updates: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Write ``out_path``: every mapped MatMul gets its torch weight (``weight_of(name)`` in [out, in] layout),
+    quantized per ``plan``; ``norm_updates`` maps an activation tensor name to the new RMSNorm weight producing it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src_path), load_external_data=False)
+    base = Path(src_path).parent
+    total = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    writer = TensorWriter(out_path, external=total > EXTERNAL_THRESHOLD)
+    inits = {t.name: t for t in model.graph.initializer}
+    by_node = {m.node: m for m in mapping.values()}
+    replaced: dict[str, Any] = {}
+    new_inits: list[Any] = []
+    pre_nodes: list[Any] = []
+    act_qdq: dict[str, str] = {}
+    counts = {m: 0 for m in MODES}
+    try:
+        for name, info in mapping.items():
+            mode = plan.modes.get(name, "float")
+            if mode not in MODES:
+                raise CalibrationError(f"unknown quantization mode {mode!r} for {name}")
+            counts[mode] += 1
+            w_t = np.asarray(weight_of(name), dtype=np.float32).T  # [in, out]
+            if mode == "float":
+                new_inits.append(writer.make(f"{info.weight}_sfr", w_t))
+                replaced[info.weight] = f"{info.weight}_sfr"
+            else:
+                q, s = quantize_weight(w_t, axis=1)
+                new_inits += [writer.make(f"{info.weight}_q", q), helper.make_tensor(f"{info.weight}_scale", TensorProto.FLOAT, [len(s)], s.tolist()),
+                              helper.make_tensor(f"{info.weight}_zp", TensorProto.INT8, [len(s)], [0] * len(s))]
+                pre_nodes.append(helper.make_node("DequantizeLinear", [f"{info.weight}_q", f"{info.weight}_scale", f"{info.weight}_zp"],
+                                                  [f"{info.weight}_dq"], name=f"{info.node}_w_dq", axis=1))
+                replaced[info.weight] = f"{info.weight}_dq"
+            b = bias_of(name)
+            if b is not None and info.bias is not None:
+                new_inits.append(writer.make(f"{info.bias}_sfr", np.asarray(b, np.float32)))
+                replaced[info.bias] = f"{info.bias}_sfr"
+        for act, w in (norm_updates or {}).items():
+            found = norm_mul_for(model, act, int(w.shape[0]))
+            if found is None:
+                raise CalibrationError(f"no RMSNorm Mul produces {act}: cannot fold SmoothQuant into this graph")
+            node, k = found
+            new = f"{node.name}_sq_weight"
+            new_inits.append(writer.make(new, np.asarray(w, np.float32)))
+            node.input[k] = new
+        nodes: list[Any] = list(pre_nodes)
+        for n in model.graph.node:
+            info = by_node.get(n.name)
+            if info is not None and plan.modes.get(info.module) == "w8a8":
+                a = info.activation
+                if a not in act_qdq:
+                    thr = plan.act_thresholds.get(info.module)
+                    if thr is None or not np.isfinite(thr):
+                        raise CalibrationError(f"no calibrated activation range for {info.module}")
+                    base_name = f"{a}_act"
+                    new_inits += [helper.make_tensor(f"{base_name}_scale", TensorProto.FLOAT, [], [act_scale(thr)]),
+                                  helper.make_tensor(f"{base_name}_zp", TensorProto.INT8, [], [0])]
+                    nodes.append(helper.make_node("QuantizeLinear", [a, f"{base_name}_scale", f"{base_name}_zp"], [f"{base_name}_q"], name=f"{base_name}_Q"))
+                    nodes.append(helper.make_node("DequantizeLinear", [f"{base_name}_q", f"{base_name}_scale", f"{base_name}_zp"], [f"{base_name}_dq"], name=f"{base_name}_DQ"))
+                    act_qdq[a] = f"{base_name}_dq"
+                n.input[0] = act_qdq[a]
+            for k, i in enumerate(n.input):
+                if i in replaced:
+                    n.input[k] = replaced[i]
+            nodes.append(n)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        keep = [t for t in model.graph.initializer if t.name not in replaced]
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in keep if t.name in used]
+        # carry the untouched initializers over, streaming external ones into the new data file
+        carried = []
+        for t in keep:
+            from onnx.external_data_helper import uses_external_data
+
+            if uses_external_data(t) or writer.external:
+                carried.append(writer.make(t.name, read_tensor(t, base)))
+            else:
+                carried.append(t)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(carried + new_inits)
+        del inits
+    finally:
+        writer.close()
+    if not writer.external:
+        os.unlink(out_path.parent / writer.data_name) if (out_path.parent / writer.data_name).exists() else None
+    onnx.save(model, str(out_path))
+    onnx.checker.check_model(str(out_path))
+    return {"matmuls": counts, "external_data": writer.external, "activation_qdq_pairs": len(act_qdq)}
+
+
+def qdq_summary(path: Path) -> dict[str, Any]:
+    """Structure of a Q/DQ model: which tensors are quantized, symmetry, axes (for tests and the manifest)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    out: dict[str, Any] = {"dequantize_weight": [], "quantize_activation": [], "domains": sorted({n.domain or "ai.onnx" for n in m.graph.node}),
+                           "zero_points_all_zero": True, "ops": sorted({n.op_type for n in m.graph.node})}
+    for n in m.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+        if zp is None or numpy_helper.to_array(zp).any() or zp.data_type != onnx.TensorProto.INT8:
+            out["zero_points_all_zero"] = False
+        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            out["dequantize_weight"].append({"node": n.name, "axis": axis, "channels": int(np.prod(inits[n.input[1]].dims))})
+        elif n.op_type == "QuantizeLinear":
+            out["quantize_activation"].append({"node": n.name, "tensor": n.input[0], "per_tensor": len(inits[n.input[1]].dims) == 0})
+    return out

@@ -1,0 +1,250 @@
+"""Per-layer quantization sensitivity and fidelity-targeted mixed precision, measured with exact fake quantization
+in torch (the same rounding and scales as the ONNX Q/DQ graph: round-half-even, symmetric int8, zero point 0).
+
+Each linear runs as ``w8a8`` (int8 weights per output channel + one static per-tensor activation scale), ``w8``
+(weight-only int8) or ``float``. ``choose_modes`` keeps the least sensitive linears at W8A8, the rest weight-only,
+and moves the most weight-sensitive to float only if weight-only everywhere still misses the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import FidelityGateError
+from .observe import QMAX, act_scale, linear_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Targets:
+    cos_mean: float = 0.995
+    cos_p1: float = 0.98
+    spearman_delta: float = 0.3  # |Δ Spearman| in points (x100)
+    max_float_fraction: float = 0.25
+
+    def met(self, f: "Fidelity") -> bool:
+        ok = f.cos_mean >= self.cos_mean and f.cos_p1 >= self.cos_p1
+        if f.spearman_delta is not None:
+            ok = ok and abs(f.spearman_delta) <= self.spearman_delta
+        return ok
+
+
+@dataclass
+class Fidelity:
+    cos_mean: float
+    cos_p1: float
+    cos_min: float
+    spearman_delta: float | None = None  # points
+    spearman_ref: float | None = None
+    n: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(axis=1)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def fidelity(ref: np.ndarray, cand: np.ndarray, pairs_ref: np.ndarray | None = None, pairs_cand: np.ndarray | None = None,
+             gold: np.ndarray | None = None) -> Fidelity:
+    c = cos_rows(ref, cand)
+    f = Fidelity(cos_mean=float(c.mean()), cos_p1=float(np.percentile(c, 1)), cos_min=float(c.min()), n=len(c))
+    if pairs_ref is not None and pairs_cand is not None and gold is not None:
+        n = len(gold)
+        s_ref = spearman((pairs_ref[:n] * pairs_ref[n:]).sum(1), gold)
+        s_cand = spearman((pairs_cand[:n] * pairs_cand[n:]).sum(1), gold)
+        f.spearman_ref, f.spearman_delta = s_ref * 100, (s_cand - s_ref) * 100
+    return f
+
+
+def fake_weight(w: Any) -> Any:
+    import torch
+
+    s = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / QMAX
+    return torch.clamp(torch.round(w / s), -QMAX, QMAX) * s
+
+
+@contextlib.contextmanager
+def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float]) -> Iterator[None]:
+    """Temporarily quantize linears per ``modes`` (weights swapped in one layer at a time, inside its forward)."""
+    import torch
+
+    mods = linear_modules(model)
+    handles = []
+
+    def pre(name: str, mode: str):
+        def fn(mod: Any, args: tuple[Any, ...]) -> Any:
+            mod._sfr_orig = mod.weight.data
+            mod.weight.data = fake_weight(mod.weight.data.float()).to(mod._sfr_orig.dtype)
+            if mode == "w8a8":
+                s = act_scale(thresholds[name])
+                x = args[0]
+                return (torch.clamp(torch.round(x / s), -QMAX, QMAX) * s, *args[1:])
+            return None
+        return fn
+
+    def post(mod: Any, _args: Any, _out: Any) -> None:
+        mod.weight.data = mod._sfr_orig
+        del mod._sfr_orig
+
+    for name, mode in modes.items():
+        if mode in ("w8a8", "w8"):
+            m = mods[name]
+            handles += [m.register_forward_pre_hook(pre(name, mode)), m.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Evaluator:
+    """Embeds held-out texts (and scored pairs) with the torch model under a quantization config."""
+
+    embed: Callable[[Sequence[Any]], np.ndarray]  # batches -> embeddings in order
+    holdout_batches: Sequence[Any]
+    pair_batches: Sequence[Any] | None = None
+    gold: np.ndarray | None = None
+    ref: np.ndarray | None = None
+    pairs_ref: np.ndarray | None = None
+    calls: int = 0
+
+    def reference(self) -> None:
+        self.ref = self.embed(self.holdout_batches)
+        self.pairs_ref = self.embed(self.pair_batches) if self.pair_batches else None
+
+    def __call__(self, model: Any, modes: dict[str, str], thresholds: dict[str, float], *, pairs: bool = True,
+                 subset: int | None = None) -> Fidelity:
+        assert self.ref is not None, "call reference() first"
+        self.calls += 1
+        hb = self.holdout_batches if subset is None else self.holdout_batches[:subset]
+        with fake_quant(model, modes, thresholds):
+            cand = self.embed(hb)
+            pc = self.embed(self.pair_batches) if (pairs and self.pair_batches) else None
+        ref = self.ref[: len(cand)]
+        return fidelity(ref, cand, self.pairs_ref if pc is not None else None, pc, self.gold if pc is not None else None)
+
+
+@dataclass
+class Selection:
+    modes: dict[str, str]
+    fidelity: Fidelity
+    met: bool
+    sensitivity_w8a8: dict[str, float] = field(default_factory=dict)  # 1 - mean cos with only this layer W8A8
+    sensitivity_w8: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    float_reasons: dict[str, str] = field(default_factory=dict)
+
+
+def layer_sensitivity(model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator, mode: str,
+                      subset: int | None) -> dict[str, float]:
+    out = {}
+    for n in names:
+        f = evaluate(model, {n: mode}, thresholds, pairs=False, subset=subset)
+        out[n] = 1.0 - f.cos_mean
+    return out
+
+
+def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator,
+                 targets: Targets, *, allow_w8a8: bool = True, sens_subset: int | None = 16,
+                 strict: bool = False, progress: Callable[[str], None] | None = None) -> Selection:
+    """Fidelity-targeted mixed precision (see module doc). ``strict`` raises FidelityGateError (with the best
+    fidelity reached) when the targets cannot be met within ``targets.max_float_fraction`` float layers."""
+    say = progress or (lambda _m: None)
+    history: list[dict[str, Any]] = []
+
+    def run(modes: dict[str, str], label: str) -> Fidelity:
+        f = evaluate(model, modes, thresholds)
+        history.append({"config": label, **f.to_dict(), "met": targets.met(f)})
+        say(f"{label}: cos {f.cos_mean:.5f} p1 {f.cos_p1:.5f} dSp {f.spearman_delta if f.spearman_delta is None else round(f.spearman_delta, 2)}")
+        return f
+
+    sel = Selection(modes={}, fidelity=Fidelity(0, 0, 0), met=False, history=history)
+    order: list[str] = []
+    if allow_w8a8:
+        say(f"per-layer W8A8 sensitivity of {len(names)} linears")
+        sel.sensitivity_w8a8 = layer_sensitivity(model, names, thresholds, evaluate, "w8a8", sens_subset)
+        order = sorted(names, key=lambda n: sel.sensitivity_w8a8[n])
+
+    def config(k: int, floats: Sequence[str] = ()) -> dict[str, str]:
+        m = {n: "w8" for n in names}
+        for n in order[:k]:
+            m[n] = "w8a8"
+        for n in floats:
+            m[n] = "float"
+        return m
+
+    best: tuple[int, Fidelity] | None = None
+    if allow_w8a8:
+        f_all = run(config(len(order)), f"w8a8 x{len(order)}")
+        if targets.met(f_all):
+            best = (len(order), f_all)
+        else:
+            lo, hi = 0, len(order)  # largest k meeting the target, k=lo assumed unknown
+            f0 = run(config(0), "weight-only")
+            if targets.met(f0):
+                best = (0, f0)
+                while hi - lo > max(1, len(order) // 32):
+                    mid = (lo + hi) // 2
+                    f = run(config(mid), f"w8a8 x{mid}")
+                    if targets.met(f):
+                        lo, best = mid, (mid, f)
+                    else:
+                        hi = mid
+    else:
+        f0 = run(config(0), "weight-only")
+        best = (0, f0) if targets.met(f0) else None
+    if best is not None:
+        k, f = best
+        sel.modes, sel.fidelity, sel.met = config(k), f, True
+        for n in order[k:]:
+            sel.float_reasons[n] = f"activation kept float (weight-only int8): W8A8 sensitivity {sel.sensitivity_w8a8.get(n, 0):.2e}"
+        return sel
+    # weight-only everywhere misses the target: move the most weight-sensitive linears to float
+    say("weight-only misses the target: measuring weight-only sensitivity")
+    sel.sensitivity_w8 = layer_sensitivity(model, names, thresholds, evaluate, "w8", sens_subset)
+    worst = sorted(names, key=lambda n: -sel.sensitivity_w8[n])
+    max_float = max(1, int(len(names) * targets.max_float_fraction))
+    lo, hi = 0, max_float
+    f_hi = run(config(0, worst[:hi]), f"float x{hi}")
+    if not targets.met(f_hi):
+        msg = (f"fidelity targets (cos mean >= {targets.cos_mean}, p1 >= {targets.cos_p1}, |dSpearman| <= "
+               f"{targets.spearman_delta}) cannot be met with at most {max_float} of {len(names)} MatMuls in float; "
+               f"best reached: cos mean {f_hi.cos_mean:.5f}, p1 {f_hi.cos_p1:.5f}, dSpearman {f_hi.spearman_delta}")
+        if strict:
+            raise FidelityGateError(msg)
+        log.warning(msg)
+        sel.modes, sel.fidelity, sel.met = config(0, worst[:hi]), f_hi, False
+    else:
+        best_m, best_f = hi, f_hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            f = run(config(0, worst[:mid]), f"float x{mid}")
+            if targets.met(f):
+                hi, best_m, best_f = mid, mid, f
+            else:
+                lo = mid
+        sel.modes, sel.fidelity, sel.met = config(0, worst[:best_m]), best_f, True
+    for n in names:
+        if sel.modes[n] == "float":
+            sel.float_reasons[n] = f"kept float: weight-only sensitivity {sel.sensitivity_w8[n]:.2e} (among the worst)"
+        elif sel.modes[n] == "w8":
+            sel.float_reasons[n] = "activation kept float (weight-only int8)"
+    return sel

@@ -1,0 +1,331 @@
+"""Stage 3: INT8 calibration on task-mixed data -> explicit Q/DQ ONNX ("int8") and a CPU int8 form ("int8-cpu").
+
+Reads the fp32 ONNX of ``export:fp32`` and the torch backbone. In a subprocess worker (its memory comes back):
+sample the recipe (leakage-guarded), observe linear inputs, SmoothQuant (fold checked at min cos >= 0.99999),
+per-layer sensitivity and fidelity-targeted mixed precision (W8A8 / weight-only int8 / float), then write
+- ``onnx/int8/model.onnx``: standard-ONNX Q/DQ for TensorRT (see ``sfr_export.quant.qdq``);
+- ``onnx/int8-cpu/model.onnx``: ORT ``MatMulNBits`` 8-bit, block 32, int8 compute (accuracy_level 4);
+and measure both with ONNX Runtime against the PyTorch fp32 reference on held-out texts and scored STS pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, CalibrationError, UserInputError
+from ..manifest import ArtifactRecord, Manifest, StageRecord
+from .common import progress, run_worker, worker_main
+
+log = logging.getLogger(__name__)
+
+# ORT >= 1.20 rewrites DequantizeLinear(weight) -> MatMul into MatMulNBits with int8 activations unless told not to.
+QDQ_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+CPU_SESSION_CONFIG: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    recipe: str = "default"
+    data: str | None = None  # the user's own JSONL (text, task, optional instruction) instead of a recipe
+    method: str = "minmax"  # minmax | percentile | entropy
+    percentile: float = 99.999
+    smoothquant: str = "auto"  # off | auto | an alpha in [0, 1]
+    target_cosine: float | None = None  # given: strict (fail, no artifact, when unreachable); None: default 0.995
+    target_p1: float = 0.98
+    target_spearman_delta: float = 0.3
+    max_float_fraction: float = 0.25
+    w8a8: bool = True  # allow W8A8 on MatMuls proven safe
+    cpu_form: bool = True
+    samples: int | None = None
+    holdout: int | None = None
+    seed: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in ("minmax", "percentile", "entropy"):
+            raise UserInputError(f"unknown calibration method '{self.method}' (expected minmax, percentile or entropy)")
+        if self.target_cosine is not None and not 0.0 < self.target_cosine <= 1.0:
+            raise UserInputError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
+        if not 0.0 < self.target_p1 <= 1.0 or self.target_spearman_delta < 0:
+            raise UserInputError("target p1 must be in (0, 1] and the Spearman delta target >= 0")
+        if not 0.0 <= self.max_float_fraction <= 1.0:
+            raise UserInputError(f"max_float_fraction must be in [0, 1], got {self.max_float_fraction}")
+        if self.batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.alpha()
+
+    def alpha(self) -> float | str | None:
+        if self.smoothquant in ("off", "none"):
+            return None
+        if self.smoothquant == "auto":
+            return "auto"
+        try:
+            a = float(self.smoothquant)
+        except ValueError:
+            raise UserInputError(f"--smoothquant must be off, auto or an alpha in [0, 1], got {self.smoothquant!r}") from None
+        if not 0.0 <= a <= 1.0:
+            raise UserInputError(f"SmoothQuant alpha must be in [0, 1], got {a}")
+        return a
+
+    def targets(self) -> Any:
+        from ..quant.sensitivity import Targets
+
+        return Targets(cos_mean=self.target_cosine if self.target_cosine is not None else 0.995, cos_p1=self.target_p1,
+                       spearman_delta=self.target_spearman_delta, max_float_fraction=self.max_float_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Worker
+# ------------------------------------------------------------------------------------------------------------------
+def _torch_embedder(model: Any, spec: Any) -> Any:
+    import torch
+
+    from ..pooling import pool_and_normalize
+
+    def embed(batches: Any) -> np.ndarray:
+        n = sum(len(b.indices) for b in batches)
+        out: np.ndarray | None = None
+        with torch.inference_mode():
+            for b in batches:
+                ids, mask = torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask)
+                v = pool_and_normalize(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, spec.pooling,
+                                       spec.normalize).float().numpy()
+                if out is None:
+                    out = np.empty((n, v.shape[1]), np.float32)
+                out[b.indices] = v
+        assert out is not None
+        return out
+    return embed
+
+
+def _ort_embed(path: Path, session_config: dict[str, str], batches: Any) -> np.ndarray:
+    from ..runtime.ort_runner import OrtRunner
+
+    n = sum(len(b.indices) for b in batches)
+    out: np.ndarray | None = None
+    with OrtRunner(path, session_config=session_config) as r:
+        for b in batches:
+            v = r.infer(b.input_ids, b.attention_mask)
+            if out is None:
+                out = np.empty((n, v.shape[1]), np.float32)
+            out[b.indices] = v
+    assert out is not None
+    return out
+
+
+def _batches(tt: Any, texts: list[str], batch_size: int) -> list[Any]:
+    from ..tokenization import length_batches
+
+    return list(length_batches(tt.encode(texts).ids, tt, batch_size=batch_size))
+
+
+def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from ..models import load_backbone, load_tokenizer
+    from ..quant import observe as obs
+    from ..quant import qdq, sensitivity as sens, smoothquant as sq
+    from ..quant.recipe import load_recipe, recipe_from_jsonl, sample_recipe
+    from ..spec import ModelSpec
+    from ..tokenization import TextTokenizer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = CalibrateConfig(**job["config"])
+    spec = ModelSpec.from_dict(job["spec"])
+    model_dir, src, out_dir = Path(job["model_dir"]), Path(job["fp32_onnx"]), Path(job["out_dir"])
+    t0 = time.time()
+    tt = TextTokenizer(load_tokenizer(model_dir), spec)
+    if cfg.data:
+        recipe = recipe_from_jsonl(Path(cfg.data), samples=cfg.samples or 128, holdout=cfg.holdout or 32, seed=cfg.seed or 0)
+    else:
+        recipe = load_recipe(cfg.recipe, samples=cfg.samples, holdout=cfg.holdout, seed=cfg.seed)
+    cs = sample_recipe(recipe, tt, spec, method=cfg.method)
+    progress(f"recipe '{recipe.name}': {len(cs.calibration)} calibration + {len(cs.holdout)} held-out texts, {len(cs.pairs)} pairs")
+    calib_b = _batches(tt, [c.text for c in cs.calibration], cfg.batch_size)
+    hold_b = _batches(tt, [c.text for c in cs.holdout], cfg.batch_size)
+    pair_b, gold = None, None
+    if cs.pairs:
+        sts = spec.apply_prompt([a for a, _, _ in cs.pairs] + [b for _, b, _ in cs.pairs], "STSBenchmark")
+        pair_b, gold = _batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
+
+    progress("loading the torch reference")
+    model = load_backbone(model_dir, dtype="float32")
+    linears = obs.linear_modules(model)
+    proto = onnx.load(str(src), load_external_data=False)
+    mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in linears.items()})
+    del proto
+    names = list(mapping)
+    for n in names:  # the graph must hold this model's weights, or the mapping is wrong
+        w = linears[n].weight.detach().numpy()
+        if not np.isfinite(w).all():
+            raise CalibrationError(f"weight of {n} is not finite")
+    embed = _torch_embedder(model, spec)
+    ev = sens.Evaluator(embed=embed, holdout_batches=hold_b, pair_batches=pair_b, gold=gold)
+    ev.reference()
+    figures: dict[str, Any] = {"recipe": recipe.to_dict(), "sample": cs.summary(), "matmuls_mapped": len(names),
+                               "linears_in_model": len(linears)}
+
+    progress(f"observing {len(names)} linear inputs on {len(cs.calibration)} texts")
+    ocfg = obs.ObserveConfig(method="minmax")
+    stats, thresholds = obs.observe(model, [(b.input_ids, b.attention_mask) for b in calib_b], names, ocfg, seed=recipe.seed)
+    figures["activation_absmax_top"] = dict(sorted(((n, round(v, 2)) for n, v in thresholds.items()), key=lambda kv: -kv[1])[:8])
+    alpha = cfg.alpha()
+    norm_updates: dict[str, np.ndarray] = {}
+    if alpha is not None:
+        orig_norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+        rep = sq.smooth_model(model, stats, alpha)
+        progress(f"SmoothQuant ({alpha}): folded {rep['applied']} of {rep['groups']} groups")
+        fold = sens.fidelity(ev.ref, embed(hold_b))
+        rep["fold_check"] = {"min_cosine": fold.cos_min, "mean_cosine": fold.cos_mean}
+        if fold.cos_min < 0.99999:
+            raise CalibrationError(f"SmoothQuant fold changed the fp32 model: min cos {fold.cos_min:.7f} < 0.99999")
+        mods = dict(model.named_modules())
+        for g in sq.fold_groups(model):
+            if g.kind == "norm" and rep["per_group"].get(g.producer, {}).get("alpha") is not None:
+                pname = f"{g.producer}.weight"
+                if not torch.equal(orig_norms[pname], mods[g.producer].weight):
+                    norm_updates[mapping[g.consumers[0]].activation] = mods[g.producer].weight.detach().numpy().copy()
+        figures["smoothquant"] = {k: v for k, v in rep.items() if k != "per_group"}
+        figures["smoothquant"]["alphas"] = {k: v["alpha"] for k, v in rep["per_group"].items()}
+    if alpha is not None or cfg.method != "minmax":
+        progress(f"activation ranges by {cfg.method}")
+        _, thresholds = obs.observe(model, [(b.input_ids, b.attention_mask) for b in calib_b], names,
+                                    obs.ObserveConfig(method=cfg.method, percentile=cfg.percentile), seed=recipe.seed)
+    targets = cfg.targets()
+    sel = sens.choose_modes(model, names, thresholds, ev, targets, allow_w8a8=cfg.w8a8,
+                            strict=cfg.target_cosine is not None, progress=progress)
+    figures["mixed_precision"] = {"modes": dict(sorted(Counter(sel.modes.values()).items())),
+                                  "torch_fidelity": sel.fidelity.to_dict(), "history": sel.history,
+                                  "float": {n: r for n, r in sel.float_reasons.items() if sel.modes[n] == "float"},
+                                  "w8a8": sorted(n for n, m in sel.modes.items() if m == "w8a8")}
+    mods = dict(model.named_modules())
+    qdir = out_dir / "int8"
+    qdir.mkdir(parents=True)
+    progress("writing the Q/DQ model")
+    info = qdq.build_quantized(src, qdir / "model.onnx", mapping, qdq.QuantPlan(sel.modes, thresholds),
+                               weight_of=lambda n: mods[n].weight.detach().numpy(),
+                               bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().numpy(),
+                               norm_updates=norm_updates)
+    result: dict[str, Any] = {"figures": figures, "int8": {"build": info, "modes": sel.modes}}
+    del model, mods, linears, stats
+    progress("measuring the Q/DQ model with ONNX Runtime")
+    result["int8"]["fidelity"] = _measure(qdir / "model.onnx", QDQ_SESSION_CONFIG, ev, hold_b, pair_b, gold, targets)
+    if cfg.cpu_form:
+        progress("writing the CPU int8 form (MatMulNBits 8-bit, block 32, int8 compute)")
+        result["int8-cpu"] = _cpu_form(src, out_dir / "int8-cpu", mapping, sel, ev, hold_b, pair_b, gold, targets)
+    result["calibrate_seconds"] = time.time() - t0
+    return result
+
+
+def _measure(path: Path, session_config: dict[str, str], ev: Any, hold_b: Any, pair_b: Any, gold: Any, targets: Any) -> dict[str, Any]:
+    from ..quant.sensitivity import fidelity
+
+    cand = _ort_embed(path, session_config, hold_b)
+    pc = _ort_embed(path, session_config, pair_b) if pair_b else None
+    f = fidelity(ev.ref, cand, ev.pairs_ref, pc, gold)
+    return {**f.to_dict(), "met": targets.met(f), "measured_on": "held-out calibration texts + scored STSB-dev pairs, ORT vs torch fp32"}
+
+
+def _cpu_form(src: Path, out: Path, mapping: dict[str, Any], sel: Any, ev: Any, hold_b: Any, pair_b: Any, gold: Any,
+              targets: Any) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # most W8A8-sensitive first: the layers to leave float when the block-int8 form misses the target
+    order = sorted(mapping, key=lambda n: -sel.sensitivity_w8a8.get(n, 0.0))
+    tries = []
+    for frac in (0.0, 0.05, 0.15, 0.3):
+        excluded = [mapping[n].node for n in order[: int(round(frac * len(order)))]]
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_exclude=excluded)
+        q.process()
+        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=q.model.model.ByteSize() > (1 << 31) - 1)
+        fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, ev, hold_b, pair_b, gold, targets)
+        tries.append({"float_fraction": frac, "float_nodes": len(excluded), **fid})
+        if fid["met"]:
+            break
+    return {"fidelity": tries[-1], "tries": tries, "float_nodes": [n for n in order[: tries[-1]["float_nodes"]]],
+            "form": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4}}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage entry
+# ------------------------------------------------------------------------------------------------------------------
+def _same_config(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    return {k: v for k, v in have.items() if k != "ort_session_config"} == want
+
+
+def run_calibrate(root: Path, config: CalibrateConfig, *, force: bool = False, on_progress: Any = None) -> list[StageRecord]:
+    """Calibrate the fp32 ONNX of ``root`` into ``onnx/int8`` (+ ``onnx/int8-cpu``); record both in the manifest."""
+    root = Path(root)
+    manifest = Manifest.load(root)
+    src_rec = manifest.stage("export:fp32")
+    if src_rec is None:
+        raise ArtifactError(f"{root} has no export:fp32 stage: run `sfr-export export` first")
+    manifest.verify_stage("export:fp32")
+    src = manifest.artifact_path("export:fp32", "onnx")
+    names = ["calibrate:int8"] + (["calibrate:int8-cpu"] if config.cpu_form else [])
+    want = {n: {**config.to_dict(), "variant": n.split(":")[1]} for n in names}
+    existing = [manifest.stage(n) for n in names]
+    if not force and all(e is not None and _same_config(e.config, want[e.name]) for e in existing):
+        try:
+            for n in names:
+                manifest.verify_stage(n)
+            log.info("calibrate is up to date (use --force to redo)")
+            return [e for e in existing if e is not None]
+        except ArtifactError as exc:
+            log.warning("re-calibrating: %s", exc)
+    tmp = root / "onnx" / ".calibrate.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        job = {"config": config.to_dict(), "spec": manifest.data["spec"], "model_dir": manifest.model["local_dir"],
+               "fp32_onnx": str(src), "out_dir": str(tmp)}
+        result = run_worker("sfr_export.stages.calibrate", job, log_path=root / "logs" / "calibrate.log", on_progress=on_progress)
+        records = []
+        for n in names:
+            variant = n.split(":")[1]
+            final = root / "onnx" / variant
+            if final.exists():
+                shutil.rmtree(final)
+            (tmp / variant).rename(final)  # the .onnx and its .data move together
+            arts = [ArtifactRecord.of(root, p, "onnx" if p.suffix == ".onnx" else "onnx-data")
+                    for p in sorted(final.iterdir()) if p.is_file()]
+            part = result[variant]
+            fid = part["fidelity"]
+            figures = {"fidelity": fid, **({k: v for k, v in part.items() if k not in ("fidelity", "modes")})}
+            if variant == "int8":
+                figures.update(result["figures"])
+                figures["calibrate_seconds"] = result.get("calibrate_seconds")
+                figures["worker_peak_rss_mb"] = result.get("worker_peak_rss_mb")
+            session = QDQ_SESSION_CONFIG if variant == "int8" else CPU_SESSION_CONFIG
+            status, reason = "ok", ""
+            if not fid["met"]:
+                status = "failed-targets"
+                reason = (f"ORT {variant} vs torch fp32: cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, "
+                          f"dSpearman {fid.get('spearman_delta')} misses the targets")
+            rec = StageRecord(stage="calibrate", name=n, config={**want[n], "ort_session_config": dict(session)},
+                              artifacts=arts, figures=figures, status=status, reason=reason)
+            manifest.record(rec)
+            records.append(rec)
+        return records
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    worker_main(_calibrate_job)
