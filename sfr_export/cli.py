@@ -26,6 +26,7 @@ out = Console()
 COMMAND_MODULES = [
     "sfr_export.commands.core",
     "sfr_export.commands.serve",
+    "sfr_export.commands.finetune",
 ]
 
 
