@@ -22,6 +22,7 @@ class BuildConfig:
     force: bool = False
     verify: bool = True
     export: ExportConfig = field(default_factory=ExportConfig)
+    calibrate: Any = None  # stages.calibrate.CalibrateConfig for --precision int8 (None: defaults)
 
 
 def build(root: Path, model: ResolvedModel, config: BuildConfig,
@@ -39,6 +40,11 @@ def build(root: Path, model: ResolvedModel, config: BuildConfig,
         records.append(run_export(root, model, ExportConfig(precision=Precision.FP16, opset=config.export.opset,
                                                             validate=config.export.validate, low_memory=config.export.low_memory),
                                   force=config.force, on_progress=stage_progress("export:fp16")))
+    if config.precision is Precision.INT8:
+        from .stages.calibrate import CalibrateConfig, run_calibrate
+
+        records += run_calibrate(root, config.calibrate or CalibrateConfig(), force=config.force,
+                                 on_progress=stage_progress("calibrate"))
     return records
 
 
