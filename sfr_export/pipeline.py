@@ -45,6 +45,17 @@ def build(root: Path, model: ResolvedModel, config: BuildConfig,
 
         records += run_calibrate(root, config.calibrate or CalibrateConfig(), force=config.force,
                                  on_progress=stage_progress("calibrate"))
+    if config.precision in (Precision.FP16, Precision.INT8):
+        # TensorRT engine (+ the Q/DQ conformance check for int8); recorded as "skipped" without TensorRT/GPU.
+        from .stages.engine import EngineConfig, run_engine
+
+        records.append(run_engine(root, EngineConfig.for_spec(model.spec, precision=config.precision),
+                                  force=config.force, on_progress=stage_progress("engine")))
+    if config.verify:
+        # Quick, time-boxed fidelity check of every variant built; a failing gate raises FidelityGateError (exit 1).
+        from .stages.verify import VerifyConfig, run_verify
+
+        records.append(run_verify(root, VerifyConfig.for_build(), on_progress=stage_progress("verify")).record)
     return records
 
 

@@ -48,8 +48,23 @@ class TorchRunner(Runner):
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
         with torch.inference_mode():
             hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-            out = pool_and_normalize(hidden, mask, self.spec.pooling, self.spec.normalize)
+            if self._fused_pooling():
+                from ..kernels import last_token_l2  # Triton: fused last-token gather + L2, fp32 accumulation
+
+                out = last_token_l2(hidden, mask, normalize=self.spec.normalize)
+            else:
+                out = pool_and_normalize(hidden, mask, self.spec.pooling, self.spec.normalize)
         return out.float().cpu().numpy()
+
+    def _fused_pooling(self) -> bool:
+        """Last-token pooling on CUDA with triton installed: use the fused kernel, else sfr_export.pooling."""
+        from ..pooling import PoolingMode
+
+        if self.spec.pooling is not PoolingMode.LASTTOKEN or not str(self.device).startswith("cuda"):
+            return False
+        from .._optional import available
+
+        return available("triton")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "device": self.device, "dtype": self.dtype, "model_dir": str(self.model_dir)}

@@ -1,0 +1,403 @@
+"""Stage 4: build a TensorRT 11 engine from the fp16 or Q/DQ int8 ONNX, with a JSON sidecar.
+
+TensorRT 11 networks are always strongly typed: there are no FP16/INT8 builder flags and no calibrators. The
+precision of the engine is the precision of the ONNX graph (an fp16 graph with fp32 norms, or explicit Q/DQ int8),
+so this stage only parses, sets profiles, workspace, optimisation level and a persistent timing cache, and builds.
+
+Without TensorRT or a CUDA GPU the stage records ``status="skipped"`` with the reason (no traceback), so ``build``
+still succeeds for the ONNX artifacts. The sidecar (``model.plan.json``) is what the runtime checks before it
+deserializes: TRT version, GPU name and compute capability, profiles, precision, source ONNX sha256, build time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError, EngineError, UserInputError
+from ..manifest import ArtifactRecord, Manifest, StageRecord, atomic_path, sha256_file
+from .common import Precision, progress, run_worker, worker_main
+
+log = logging.getLogger(__name__)
+
+STAGE = "engine"
+ENGINE_DIR = "engine"
+ENGINE_FILE = "model.plan"
+SIDECAR_FILE = "model.plan.json"
+TIMING_CACHE_FILE = "timing.cache"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "sentence_embedding"
+SOURCE_STAGES = {Precision.FP32: "export:fp32", Precision.FP16: "export:fp16", Precision.INT8: "calibrate:int8"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Profiles
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeRange:
+    """One dynamic axis of an optimization profile: min <= opt <= max, all >= 1."""
+
+    min: int
+    opt: int
+    max: int
+    name: str = "dim"
+
+    def __post_init__(self) -> None:
+        vals = (self.min, self.opt, self.max)
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in vals):
+            raise UserInputError(f"{self.name} profile values must be integers, got {vals}")
+        if self.min < 1:
+            raise UserInputError(f"{self.name} profile min must be >= 1, got {self.min}")
+        if not self.min <= self.opt <= self.max:
+            raise UserInputError(f"{self.name} profile must satisfy MIN <= OPT <= MAX, got {self.min},{self.opt},{self.max}")
+
+    @classmethod
+    def parse(cls, text: str, *, name: str) -> "ShapeRange":
+        """``"1,8,32"`` -> ShapeRange(1, 8, 32); a single value ``"8"`` means a static axis (8,8,8)."""
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if len(parts) == 1:
+            parts = parts * 3
+        if len(parts) != 3:
+            raise UserInputError(f"--{name} takes MIN,OPT,MAX (e.g. 1,8,32), got {text!r}")
+        try:
+            lo, opt, hi = (int(p) for p in parts)
+        except ValueError:
+            raise UserInputError(f"--{name} takes integers MIN,OPT,MAX, got {text!r}") from None
+        return cls(lo, opt, hi, name=name)
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+def default_batch() -> ShapeRange:
+    return ShapeRange(1, 8, 32, name="batch")
+
+
+def default_seq(max_length: int) -> ShapeRange:
+    """Sequence profile from the model spec: up to ``max_length``, tuned for typical sentence lengths."""
+    hi = int(max_length)
+    return ShapeRange(1, min(128, hi), hi, name="seq")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    precision: Precision = Precision.FP16
+    batch: ShapeRange = field(default_factory=default_batch)
+    seq: ShapeRange = field(default_factory=lambda: default_seq(512))
+    workspace_gib: float = 8.0
+    opt_level: int = 3  # IBuilderConfig.builder_optimization_level, 0..5 (TensorRT's default is 3)
+    timing_cache: str | None = None  # default: <root>/engine/timing.cache (persistent across builds)
+    version_compatible: bool = False  # BuilderFlag.VERSION_COMPATIBLE: runs on later 11.x runtimes
+    exclude_lean_runtime: bool = False  # BuilderFlag.EXCLUDE_LEAN_RUNTIME: smaller plan, needs tensorrt_lean to run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision.parse(str(getattr(self.precision, "value", self.precision))))
+        if isinstance(self.batch, dict):
+            object.__setattr__(self, "batch", ShapeRange(**self.batch))
+        if isinstance(self.seq, dict):
+            object.__setattr__(self, "seq", ShapeRange(**self.seq))
+        if not 0.0 < self.workspace_gib <= 1024:
+            raise UserInputError(f"workspace must be in (0, 1024] GiB, got {self.workspace_gib}")
+        if not 0 <= self.opt_level <= 5:
+            raise UserInputError(f"builder optimization level must be 0..5, got {self.opt_level}")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise UserInputError("--exclude-lean-runtime only applies to --version-compatible engines")
+
+    @classmethod
+    def for_spec(cls, spec: Any, *, precision: Precision | str = Precision.FP16, batch: str | None = None,
+                 seq: str | None = None, **kw: Any) -> "EngineConfig":
+        """Profiles from ``--batch``/``--seq`` strings, defaulting to the model spec; refuses seq max > spec max."""
+        b = ShapeRange.parse(batch, name="batch") if batch else default_batch()
+        s = ShapeRange.parse(seq, name="seq") if seq else default_seq(spec.max_length)
+        if s.max > spec.max_length:
+            raise UserInputError(f"--seq max {s.max} exceeds the model's max_length {spec.max_length}: "
+                                 "inputs are truncated to max_length, so a longer profile only wastes memory")
+        return cls(precision=Precision.parse(str(getattr(precision, "value", precision))), batch=b, seq=s, **kw)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return int(self.workspace_gib * (1 << 30))
+
+    def profile_shapes(self) -> dict[str, list[list[int]]]:
+        """input name -> [min, opt, max] shapes, each [batch, seq]."""
+        shapes = [[self.batch.min, self.seq.min], [self.batch.opt, self.seq.opt], [self.batch.max, self.seq.max]]
+        return {name: [list(s) for s in shapes] for name in INPUT_NAMES}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["precision"] = self.precision.value
+        return d
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Environment probe (no traceback: a reason string)
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuEnvironment:
+    ok: bool
+    reason: str = ""
+    trt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+
+
+def probe_environment(*, need_builder: bool = True) -> GpuEnvironment:
+    """Is there a TensorRT (builder or lean runtime) and a CUDA GPU? Returns the reason when not."""
+    import importlib
+
+    from .._optional import available
+
+    mod_name = "tensorrt" if available("tensorrt") else ("tensorrt_lean" if not need_builder and available("tensorrt_lean") else None)
+    if mod_name is None:
+        what = "TensorRT" if need_builder else "TensorRT or tensorrt-lean"
+        return GpuEnvironment(False, f"{what} is not installed (pip install 'sfr-export[gpu]' on a CUDA machine)")
+    try:
+        trt = importlib.import_module(mod_name)
+    except ImportError as exc:  # present but its CUDA libraries are not loadable
+        return GpuEnvironment(False, f"{mod_name} is installed but cannot be imported: {exc}")
+    import torch
+
+    if not torch.cuda.is_available():
+        return GpuEnvironment(False, "no CUDA GPU is visible (torch.cuda.is_available() is False)",
+                              trt_version=str(trt.__version__))
+    major, minor = torch.cuda.get_device_capability()
+    return GpuEnvironment(True, trt_version=str(trt.__version__), gpu_name=torch.cuda.get_device_name(),
+                          compute_capability=f"{major}.{minor}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sidecar
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EngineSidecar:
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    profiles: dict[str, list[list[int]]]
+    precision: str
+    source_onnx: str
+    source_onnx_sha256: str
+    build_seconds: float
+    built_at: float
+    version_compatible: bool = False
+    lean_runtime_excluded: bool = False
+    inputs: list[str] = field(default_factory=lambda: list(INPUT_NAMES))
+    output: str = OUTPUT_NAME
+    sidecar_version: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> "EngineSidecar":
+        if not Path(path).is_file():
+            raise EngineError(f"engine sidecar {path} is missing: rebuild with `sfr-export engine`")
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise EngineError(f"engine sidecar {path} is corrupt ({exc}): rebuild with `sfr-export engine`") from exc
+
+    def batch_range(self) -> ShapeRange:
+        lo, opt, hi = (s[0] for s in self.profiles[self.inputs[0]])
+        return ShapeRange(lo, opt, hi, name="batch")
+
+    def seq_range(self) -> ShapeRange:
+        lo, opt, hi = (s[1] for s in self.profiles[self.inputs[0]])
+        return ShapeRange(lo, opt, hi, name="seq")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in str(v).split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_compatibility(sidecar: EngineSidecar, *, trt_version: str, gpu_name: str, compute_capability: str) -> list[str]:
+    """Raise EngineError if this engine cannot run on this TensorRT / GPU; return non-fatal warnings.
+
+    A plain engine runs only on the exact TensorRT version that built it. A version-compatible engine runs on the
+    same major version at an equal or later release. Engines are tied to the GPU's compute capability; a different
+    GPU model with the same compute capability runs, possibly slower (a warning).
+    """
+    rebuild = "rebuild it on this machine with `sfr-export engine DIR`"
+    built, running = _version_tuple(sidecar.trt_version), _version_tuple(trt_version)
+    if sidecar.version_compatible:
+        if built[:1] != running[:1] or running < built:
+            raise EngineError(f"engine was built (version-compatible) with TensorRT {sidecar.trt_version}; it needs "
+                              f"TensorRT {built[0]}.x >= {sidecar.trt_version}, this is {trt_version}: {rebuild}")
+    elif built != running:
+        raise EngineError(f"engine was built with TensorRT {sidecar.trt_version}, this is TensorRT {trt_version}: {rebuild}")
+    if sidecar.compute_capability != compute_capability:
+        raise EngineError(f"engine was built for compute capability {sidecar.compute_capability} ({sidecar.gpu_name}), "
+                          f"this GPU is {gpu_name} ({compute_capability}): {rebuild}")
+    warnings = []
+    if sidecar.gpu_name != gpu_name:
+        warnings.append(f"engine was built on {sidecar.gpu_name}, running on {gpu_name} (same compute capability "
+                        f"{compute_capability}): it runs, but tactics were timed on the other GPU")
+    return warnings
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The build itself (TensorRT 11 Python API; runs in a worker subprocess)
+# ------------------------------------------------------------------------------------------------------------------
+def build_serialized(onnx_path: Path, cfg: EngineConfig, timing_cache_path: Path) -> tuple[bytes, bytes]:
+    """Parse ``onnx_path`` (external data next to it), build, return (plan bytes, timing cache bytes)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 11: always strongly typed, no creation flags needed
+    parser = trt.OnnxParser(network, logger)
+    progress(f"parsing {onnx_path.name}")
+    # parse_from_file resolves external data relative to the model file's directory.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path}: " + "; ".join(errors[:5]))
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if list(names) != list(INPUT_NAMES):
+        raise EngineError(f"{onnx_path} inputs are {names}, expected {list(INPUT_NAMES)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_bytes)
+    config.builder_optimization_level = cfg.opt_level
+    if cfg.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if cfg.exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    cache_bytes = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not match this GPU/TensorRT; starting a fresh one", timing_cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in cfg.profile_shapes().items():
+        profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineError(f"TensorRT rejected the optimization profile {cfg.profile_shapes()}")
+
+    progress(f"building ({cfg.precision.value}, batch {cfg.batch.as_list()}, seq {cfg.seq.as_list()}, "
+             f"opt level {cfg.opt_level})")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path} (see the log for the failing layer)")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
+    cfg = EngineConfig(**job["config"])
+    env = probe_environment()
+    if not env.ok:
+        raise EngineError(env.reason)
+    onnx_path = Path(job["onnx"])
+    out_dir = Path(job["out_dir"])
+    cache_path = Path(job["timing_cache"])
+    t0 = time.time()
+    plan, cache = build_serialized(onnx_path, cfg, cache_path)
+    seconds = time.time() - t0
+    with atomic_path(out_dir / ENGINE_FILE) as tmp:
+        tmp.write_bytes(plan)
+    with atomic_path(cache_path) as tmp:
+        tmp.write_bytes(cache)
+    sidecar = EngineSidecar(trt_version=str(env.trt_version), gpu_name=str(env.gpu_name),
+                            compute_capability=str(env.compute_capability), profiles=cfg.profile_shapes(),
+                            precision=cfg.precision.value, source_onnx=job["onnx_rel"], source_onnx_sha256=job["onnx_sha256"],
+                            build_seconds=seconds, built_at=time.time(), version_compatible=cfg.version_compatible,
+                            lean_runtime_excluded=cfg.exclude_lean_runtime)
+    with atomic_path(out_dir / SIDECAR_FILE) as tmp:
+        tmp.write_text(sidecar.to_json(), encoding="utf-8")
+    return {"build_seconds": seconds, "engine_bytes": len(plan), "trt_version": env.trt_version,
+            "gpu_name": env.gpu_name, "compute_capability": env.compute_capability}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage entry point
+# ------------------------------------------------------------------------------------------------------------------
+def source_onnx(manifest: Manifest, precision: Precision) -> tuple[str, Path]:
+    stage = SOURCE_STAGES[precision]
+    rec = manifest.stage(stage)
+    if rec is None or rec.status == "skipped":
+        hint = "`sfr-export build --precision int8`" if precision is Precision.INT8 else f"`sfr-export export --precision {precision.value}`"
+        raise ArtifactError(f"{manifest.root} has no '{stage}' ONNX to build a {precision.value} engine from: run {hint} first")
+    return stage, manifest.artifact_path(stage, "onnx")
+
+
+def _skip(manifest: Manifest, cfg: EngineConfig, reason: str, figures: dict[str, Any]) -> StageRecord:
+    rec = StageRecord(stage=STAGE, name=STAGE, config=cfg.to_dict(), status="skipped", reason=reason, figures=figures)
+    manifest.record(rec)
+    log.warning("engine stage skipped: %s", reason)
+    return rec
+
+
+def run_engine(root: Path, config: EngineConfig, *, force: bool = False, on_progress: Any = None,
+               env: GpuEnvironment | None = None) -> StageRecord:
+    """Build the engine of ``config.precision`` into ``root/engine/<precision>/`` and record stage "engine".
+
+    Skips (status "skipped", with the reason) when TensorRT or a GPU is missing. For int8 the Q/DQ conformance
+    check runs first, on any machine; its result is recorded in the stage figures.
+    """
+    from ..qdq_check import check_qdq
+
+    root = Path(root)
+    manifest = Manifest.load(root)
+    stage, onnx_path = source_onnx(manifest, config.precision)
+    manifest.verify_stage(stage)
+    figures: dict[str, Any] = {"source_stage": stage}
+    env = env or probe_environment()
+    if config.precision is Precision.INT8:
+        report = check_qdq(onnx_path)
+        figures["qdq_check"] = report.to_dict()
+        if not report:
+            reason = f"the int8 ONNX fails TensorRT's explicit-quantization rules: {report.summary()}"
+            if not env.ok:
+                return _skip(manifest, config, f"{env.reason}; also, {reason}", figures)
+            raise EngineError(reason)
+    if not env.ok:
+        existing = manifest.stage(STAGE)
+        if existing is not None and existing.status == "ok" and not force:
+            log.warning("no TensorRT/GPU here (%s); keeping the engine recorded earlier", env.reason)
+            return existing
+        return _skip(manifest, config, env.reason, figures)
+
+    config_dict = config.to_dict()
+    existing = manifest.stage(STAGE)
+    onnx_sha = sha256_file(onnx_path)
+    if existing is not None and existing.status == "ok" and not force and existing.config == config_dict \
+            and existing.figures.get("source_onnx_sha256") == onnx_sha:
+        try:
+            manifest.verify_stage(STAGE)
+            sidecar = EngineSidecar.load(root / next(a.path for a in existing.artifacts if a.kind == "engine-sidecar"))
+            check_compatibility(sidecar, trt_version=str(env.trt_version), gpu_name=str(env.gpu_name),
+                                compute_capability=str(env.compute_capability))
+            log.info("engine is up to date (use --force to rebuild)")
+            return existing
+        except (ArtifactError, EngineError, StopIteration) as exc:
+            log.warning("rebuilding the engine: %s", exc)
+    out_dir = root / ENGINE_DIR / config.precision.value
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = Path(config.timing_cache) if config.timing_cache else root / ENGINE_DIR / TIMING_CACHE_FILE
+    job = {"config": config_dict, "onnx": str(onnx_path), "onnx_rel": str(onnx_path.relative_to(root)),
+           "onnx_sha256": onnx_sha, "out_dir": str(out_dir), "timing_cache": str(cache_path)}
+    result = run_worker("sfr_export.stages.engine", job, log_path=root / "logs" / f"engine-{config.precision.value}.log",
+                        on_progress=on_progress)
+    arts = [ArtifactRecord.of(root, out_dir / ENGINE_FILE, "engine"),
+            ArtifactRecord.of(root, out_dir / SIDECAR_FILE, "engine-sidecar")]
+    rec = StageRecord(stage=STAGE, name=STAGE, config=config_dict, artifacts=arts,
+                      figures={**figures, **result, "source_onnx_sha256": onnx_sha, "timing_cache": str(cache_path)})
+    manifest.record(rec)
+    return rec
+
+
+if __name__ == "__main__":
+    worker_main(_engine_job)
