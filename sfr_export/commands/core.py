@@ -17,7 +17,7 @@ def _progress_ctx():
     from ..cli import console
 
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]}[/] {task.description}"), TimeElapsedColumn(),
-                    console=console, transient=False)
+                    console=console, transient=True)
 
 
 MODEL_HELP = "Hub id, local dir, or demo:tiny-mistral | demo:minilm | demo:smollm2"
@@ -40,12 +40,14 @@ def register(app: typer.Typer) -> None:
         """Export a model to a validated ONNX file with pooling and L2 normalisation in the graph."""
         from ..models.loading import resolve_model, torch_dtype
         from ..stages.common import Precision
-        from ..stages.export import ExportConfig, run_export
         from ..cli import print_json
+        from ..stages.common import prepare_output
+        from ..stages.export import ExportConfig, run_export
 
         torch_dtype(dtype)
         cfg = ExportConfig(precision=Precision.parse(precision), opset=opset, validate=not no_validate, low_memory=low_memory)
         resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
+        prepare_output(output, resolved, dtype=dtype)  # refuses another model's dir before any work starts
         with _progress_ctx() as prog:
             task = prog.add_task("starting", stage=f"export:{cfg.precision.value}", total=None)
             rec = run_export(output, resolved, cfg, force=force,
@@ -70,12 +72,13 @@ def register(app: typer.Typer) -> None:
         from ..cli import print_json
         from ..models.loading import resolve_model
         from ..pipeline import BuildConfig, build as run_build, stage_summary
-        from ..stages.common import Precision
+        from ..stages.common import Precision, prepare_output
         from ..stages.export import ExportConfig
 
         cfg = BuildConfig(precision=Precision.parse(precision), force=force, verify=not no_verify,
                           export=ExportConfig(low_memory=low_memory))
         resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
+        prepare_output(output, resolved)  # refuses another model's dir before any work starts
         with _progress_ctx() as prog:
             tasks: dict[str, int] = {}
 
