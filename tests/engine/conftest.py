@@ -1,5 +1,5 @@
-"""Session fixtures of the engine tests: one fp32 export of demo:tiny-mistral (validation off: export has its own
-tests) and its weight-only int8 Q/DQ form."""
+"""Session fixtures of the engine tests: the shared fp32 export of demo:tiny-mistral (tests/conftest.py) and its
+weight-only int8 Q/DQ form."""
 
 from __future__ import annotations
 
@@ -20,13 +20,10 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory, tiny_model) -> Path:
-    from sfr_export.stages.common import Precision
-    from sfr_export.stages.export import ExportConfig, run_export
+def tiny_export(tmp_path_factory) -> Path:
+    from tests.conftest import exported
 
-    root = tmp_path_factory.mktemp("engine") / "tiny"
-    run_export(root, tiny_model, ExportConfig(precision=Precision.FP32, validate=False))
-    return root
+    return exported(tmp_path_factory, "demo:tiny-mistral", "fp32")
 
 
 @pytest.fixture(scope="session")

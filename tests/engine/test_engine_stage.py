@@ -92,18 +92,23 @@ def test_cli_bad_profile_is_one_line(artifact_copy, capsys):
 
 
 @needs_no_trt
-@pytest.mark.slow
-def test_build_fp16_succeeds_and_records_the_engine_skip(tiny_export, tiny_model, tmp_path):
-    from sfr_export.pipeline import BuildConfig, build
-    from sfr_export.stages.export import ExportConfig
+def test_build_fp16_succeeds_and_records_the_engine_skip(tmp_path_factory, tiny_model, tmp_path):
+    from tests.conftest import exported
 
+    from sfr_export.pipeline import BuildConfig, build
+
+    src = exported(tmp_path_factory, "demo:tiny-mistral", "fp16")  # shared: build finds both exports up to date
     root = tmp_path / "b"
-    shutil.copytree(tiny_export, root)
-    records = build(root, tiny_model, BuildConfig(precision=Precision.FP16, export=ExportConfig(validate=False)))
+    shutil.copytree(src, root)
+    m = Manifest.load(root)
+    m.data["stages"] = {k: v for k, v in m.data["stages"].items() if k.startswith("export:")}
+    m.save()
+    records = build(root, tiny_model, BuildConfig(precision=Precision.FP16, verify=False))
     names = [r.name for r in records]
-    assert names == ["export:fp32", "export:fp16", "engine"]
-    assert records[-1].status == "skipped" and "TensorRT" in records[-1].reason
-    assert Manifest.load(root).stage("export:fp16").status == "ok"
+    assert names[:3] == ["export:fp32", "export:fp16", "engine"]
+    assert records[2].status == "skipped" and "TensorRT" in records[2].reason
+    saved = Manifest.load(root)
+    assert saved.stage("export:fp16").status == "ok" and saved.stage("engine").status == "skipped"
 
 
 def _cli(main, args) -> int:
