@@ -93,10 +93,11 @@ class Embedder:
                       verify: bool = True, providers: Sequence[Any] | None = None, allow_fallback: bool = False,
                       truncation: str | Truncation = Truncation.TRUNCATE, batch_size: int = 32,
                       max_batch_tokens: int | None = None, torch_dtype: str | None = None,
-                      device: str = "cpu") -> "Embedder":
+                      device: str = "cpu", session_config: dict[str, str] | None = None) -> "Embedder":
         """Open an output dir. ``backend="auto"`` picks TensorRT when an engine and TensorRT are present, else
         ONNX Runtime (CUDA provider when installed, else CPU), else torch; ``info["why"]`` says why.
-        ``verify`` checks the sha256 of what is loaded against the manifest."""
+        ``verify`` checks the sha256 of what is loaded against the manifest. ``session_config`` adds ONNX Runtime
+        session entries over the manifest's (e.g. ``{"session.intra_op.allow_spinning": "0"}`` for servers)."""
         root = Path(root)
         if backend not in BACKENDS:
             raise UserInputError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
@@ -105,7 +106,7 @@ class Embedder:
         tok = TextTokenizer.from_dir(root / TOKENIZER_DIR, spec, truncation=Truncation.parse(truncation))
         runner, info = cls._make_runner(root, manifest, spec, backend=backend, variant=variant, verify=verify,
                                         providers=providers, allow_fallback=allow_fallback, torch_dtype=torch_dtype,
-                                        device=device)
+                                        device=device, session_config=session_config)
         info["verified"] = verify
         log.info("Embedder on %s: backend=%s (%s)", root, info["backend"],
                  ", ".join(f"{k}={v}" for k, v in info.items() if k != "backend"))
@@ -114,7 +115,7 @@ class Embedder:
     @staticmethod
     def _make_runner(root: Path, manifest: Manifest, spec: ModelSpec, *, backend: str, variant: str | None,
                      verify: bool, providers: Sequence[Any] | None, allow_fallback: bool, torch_dtype: str | None,
-                     device: str) -> tuple[Runner, dict[str, Any]]:
+                     device: str, session_config: dict[str, str] | None = None) -> tuple[Runner, dict[str, Any]]:
         variants = onnx_variants(manifest)
         if backend == "auto":
             backend, why = _choose_backend(manifest, variants, variant)
@@ -151,7 +152,7 @@ class Embedder:
         rec = manifest.stage(stage)
         if rec is None:  # pragma: no cover - onnx_variants only lists recorded stages
             raise ArtifactError(f"{root} lost stage '{stage}' while loading")
-        session_config = dict(rec.config.get("ort_session_config", {}) or {})
+        session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(session_config or {})}
         runner = OrtRunner(manifest.artifact_path(stage, "onnx"), providers=providers,
                            session_config=session_config, allow_fallback=allow_fallback)
         return runner, {"backend": "onnxruntime", "variant": variant, "why": why, "stage": stage}

@@ -186,11 +186,16 @@ async def _handle(state: _State, request: Any) -> bytes:
     return embedding_response(emb, encoding_format=req.encoding_format, model=state.model_name, prompt_tokens=n_tokens)
 
 
+# A server shares its cores with the HTTP loop: ONNX Runtime's spinning worker threads would starve it.
+SERVER_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
 @dataclass(frozen=True)
 class EmbedderOptions:
     backend: str = "auto"
     variant: str | None = None
     verify: bool = True
+    session_config: dict = field(default_factory=lambda: dict(SERVER_SESSION_CONFIG))
 
 
 def run_server(directory: Path, config: ServeConfig, options: EmbedderOptions = EmbedderOptions()) -> None:
@@ -202,7 +207,8 @@ def run_server(directory: Path, config: ServeConfig, options: EmbedderOptions = 
     embedder = Embedder.from_artifact(directory, backend=options.backend, variant=options.variant,
                                       verify=options.verify, truncation=config.truncation,
                                       batch_size=config.batching.max_batch_size,
-                                      max_batch_tokens=config.batching.max_batch_tokens)
+                                      max_batch_tokens=config.batching.max_batch_tokens,
+                                      session_config=options.session_config)
     name = config.model_name or str(manifest.model.get("id", "sfr-export"))
     app = create_app(embedder, config, model_name=name)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
