@@ -238,9 +238,14 @@ def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: st
         rows_by_entry.append(rows)
     check_no_leakage(((str(t.data.name), r["text"]) for t, rows in zip(recipe.tasks, rows_by_entry) for r in rows), protected)
 
+    # quotas by the largest-remainder method, so they add up to exactly `total`
+    exact = [total * t.share / share_sum for t in recipe.tasks]
+    quotas = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: -(exact[i] - quotas[i]))[: total - sum(quotas)]:
+        quotas[i] += 1
     picked: list[CalText] = []
     for k, (entry, rows) in enumerate(zip(recipe.tasks, rows_by_entry)):
-        quota = max(1, round(total * entry.share / share_sum))
+        quota = max(1, quotas[k])
         rng = random.Random(recipe.seed * 1000003 + k)
         order = list(range(len(rows)))
         rng.shuffle(order)

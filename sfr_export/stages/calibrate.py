@@ -88,7 +88,7 @@ class CalibrateConfig:
 # ------------------------------------------------------------------------------------------------------------------
 # Worker
 # ------------------------------------------------------------------------------------------------------------------
-def _torch_embedder(model: Any, spec: Any) -> Any:
+def torch_embedder(model: Any, spec: Any) -> Any:
     import torch
 
     from ..pooling import pool_and_normalize
@@ -124,7 +124,7 @@ def _ort_embed(path: Path, session_config: dict[str, str], batches: Any) -> np.n
     return out
 
 
-def _batches(tt: Any, texts: list[str], batch_size: int) -> list[Any]:
+def make_batches(tt: Any, texts: list[str], batch_size: int) -> list[Any]:
     from ..tokenization import length_batches
 
     return list(length_batches(tt.encode(texts).ids, tt, batch_size=batch_size))
@@ -153,12 +153,12 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
         recipe = load_recipe(cfg.recipe, samples=cfg.samples, holdout=cfg.holdout, seed=cfg.seed)
     cs = sample_recipe(recipe, tt, spec, method=cfg.method)
     progress(f"recipe '{recipe.name}': {len(cs.calibration)} calibration + {len(cs.holdout)} held-out texts, {len(cs.pairs)} pairs")
-    calib_b = _batches(tt, [c.text for c in cs.calibration], cfg.batch_size)
-    hold_b = _batches(tt, [c.text for c in cs.holdout], cfg.batch_size)
+    calib_b = make_batches(tt, [c.text for c in cs.calibration], cfg.batch_size)
+    hold_b = make_batches(tt, [c.text for c in cs.holdout], cfg.batch_size)
     pair_b, gold = None, None
     if cs.pairs:
         sts = spec.apply_prompt([a for a, _, _ in cs.pairs] + [b for _, b, _ in cs.pairs], "STSBenchmark")
-        pair_b, gold = _batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
+        pair_b, gold = make_batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
 
     progress("loading the torch reference")
     model = load_backbone(model_dir, dtype="float32")
@@ -171,7 +171,7 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
         w = linears[n].weight.detach().numpy()
         if not np.isfinite(w).all():
             raise CalibrationError(f"weight of {n} is not finite")
-    embed = _torch_embedder(model, spec)
+    embed = torch_embedder(model, spec)
     ev = sens.Evaluator(embed=embed, holdout_batches=hold_b, pair_batches=pair_b, gold=gold)
     ev.reference()
     figures: dict[str, Any] = {"recipe": recipe.to_dict(), "sample": cs.summary(), "matmuls_mapped": len(names),

@@ -1,0 +1,115 @@
+"""The int8 artifacts of `sfr-export build --precision int8` on demo:tiny-mistral: Q/DQ structure, manifest, runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from sfr_export.errors import CalibrationError
+from sfr_export.manifest import Manifest
+from sfr_export.quant.qdq import map_matmuls, qdq_summary
+
+
+def test_manifest_records_both_int8_variants(tiny_int8):
+    m = Manifest.load(tiny_int8)
+    for name, variant in (("calibrate:int8", "int8"), ("calibrate:int8-cpu", "int8-cpu")):
+        rec = m.stage(name)
+        assert rec is not None and rec.config["variant"] == variant
+        assert rec.status == "ok", rec.reason
+        assert any(a.kind == "onnx" for a in rec.artifacts)
+        assert rec.figures["fidelity"]["cos_mean"] >= 0.995 and rec.figures["fidelity"]["met"]
+        m.verify_stage(name)
+    q = m.stage("calibrate:int8")
+    assert q.config["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert q.figures["smoothquant"]["fold_check"]["min_cosine"] >= 0.99999
+    assert q.figures["sample"]["calibration"]["texts"] > 0
+
+
+def test_qdq_graph_structure(tiny_int8):
+    path = tiny_int8 / "onnx" / "int8" / "model.onnx"
+    m = onnx.load(str(path))
+    s = qdq_summary(path)
+    assert s["domains"] == ["ai.onnx"]  # standard ONNX ops only (TensorRT form)
+    assert s["zero_points_all_zero"]  # symmetric, int8 zero points
+    inits = {t.name: t for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    matmuls_with_weights = 0
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            # Q/DQ only on MatMul inputs: every DQ output feeds MatMuls only
+            if n.op_type == "DequantizeLinear":
+                assert {c.op_type for c in consumers[n.output[0]]} == {"MatMul"}, n.name
+            else:
+                assert {c.op_type for c in consumers[n.output[0]]} == {"DequantizeLinear"}
+                assert len(inits[n.input[1]].dims) == 0  # activations: one per-tensor scale
+        if n.op_type != "MatMul":
+            continue
+        b = producers.get(n.input[1])
+        if b is None or b.op_type != "DequantizeLinear":
+            continue
+        matmuls_with_weights += 1
+        q = inits[b.input[0]]
+        assert q.data_type == onnx.TensorProto.INT8 and len(q.dims) == 2
+        axis = next(a.i for a in b.attribute if a.name == "axis")
+        scale = numpy_helper.to_array(inits[b.input[1]])
+        assert axis == 1 and scale.shape == (q.dims[1],) and (scale > 0).all()  # per output channel
+        assert np.abs(numpy_helper.to_array(q)).max() <= 127  # symmetric: -128 never used
+    assert matmuls_with_weights == 14  # every linear of the 2-layer model; attention score MatMuls stay float
+    # nothing quantizes the attention mask or position math
+    mask_consumers = {c.op_type for c in consumers["attention_mask"]}
+    assert not mask_consumers & {"QuantizeLinear", "DequantizeLinear"}
+    modes = Manifest.load(tiny_int8).stage("calibrate:int8").figures["mixed_precision"]["modes"]
+    assert len(s["quantize_activation"]) >= 1 and modes.get("w8a8", 0) >= 1
+
+
+def test_int8_runs_through_the_embedder(tiny_int8):
+    from sfr_export.runtime import Embedder
+
+    texts = ["how does the virus enter human cells?", "A man is playing a guitar."]
+    with Embedder.from_artifact(tiny_int8, backend="onnxruntime", variant="fp32") as ref, \
+         Embedder.from_artifact(tiny_int8, backend="onnxruntime", variant="int8") as q, \
+         Embedder.from_artifact(tiny_int8, backend="onnxruntime", variant="int8-cpu") as c:
+        a, b, d = ref.encode(texts), q.encode(texts), c.encode(texts)
+        assert q.runner.session_config == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert (a * b).sum(1).min() > 0.99 and (a * d).sum(1).min() > 0.99
+
+
+def test_cpu_form_is_not_qdq_compatible_input(tiny_int8):
+    m = onnx.load(str(tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in m.graph.node)
+    with pytest.raises(CalibrationError, match="not Q/DQ-compatible"):
+        map_matmuls(m, {"layers.0.self_attn.q_proj": (64, 64)})
+
+
+def test_unreachable_target_fails_and_leaves_no_partial_artifact(tiny_int8, tmp_path):
+    from sfr_export.cli import main
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_int8, root)
+    before = json.loads((root / "manifest.json").read_text())["stages"]["calibrate:int8"]
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", str(root), "--target-cosine", "0.9999999", "--max-float-fraction", "0", "--no-cpu-form",
+              "--samples", "16", "--holdout", "8", "--force"])
+    assert exc.value.code == 1
+    after = json.loads((root / "manifest.json").read_text())["stages"]["calibrate:int8"]
+    assert after == before  # the previous artifact and its record are untouched
+    Manifest.load(root).verify_stage("calibrate:int8")
+    assert not list((root / "onnx").glob(".*tmp*"))
+
+
+def test_bad_method_is_a_clear_error(tiny_int8, capsys):
+    from sfr_export.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", str(tiny_int8), "--method", "kl"])
+    assert exc.value.code == 2
+    assert "unknown calibration method 'kl'" in capsys.readouterr().err
