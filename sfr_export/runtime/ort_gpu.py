@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import UserInputError
 from ..stages.engine import INPUT_NAMES, ShapeRange, default_batch, default_seq
