@@ -170,8 +170,8 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
     say = progress or (lambda _m: None)
     history: list[dict[str, Any]] = []
 
-    def run(modes: dict[str, str], label: str) -> Fidelity:
-        f = evaluate(model, modes, thresholds)
+    def run(modes: dict[str, str], label: str, pairs: bool = True) -> Fidelity:
+        f = evaluate(model, modes, thresholds, pairs=pairs)
         history.append({"config": label, **f.to_dict(), "met": targets.met(f)})
         say(f"{label}: cos {f.cos_mean:.5f} p1 {f.cos_p1:.5f} dSp {f.spearman_delta if f.spearman_delta is None else round(f.spearman_delta, 2)}")
         return f
@@ -193,21 +193,25 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
 
     best: tuple[int, Fidelity] | None = None
     if allow_w8a8:
-        f_all = run(config(len(order)), f"w8a8 x{len(order)}")
-        if targets.met(f_all):
-            best = (len(order), f_all)
-        else:
-            lo, hi = 0, len(order)  # largest k meeting the target, k=lo assumed unknown
-            f0 = run(config(0), "weight-only")
-            if targets.met(f0):
+        # search on cosine alone (cheap), then confirm the choice with the task score, backing off if needed
+        f0 = run(config(0), "weight-only")
+        if targets.met(f0):
+            lo, hi = 0, len(order) + 1  # largest k meeting the cosine target
+            while hi - lo > max(1, len(order) // 32):
+                mid = (lo + hi) // 2
+                if targets.met(run(config(mid), f"w8a8 x{mid} (cosine only)", pairs=False)):
+                    lo = mid
+                else:
+                    hi = mid
+            k = lo
+            while k > 0:
+                f = run(config(k), f"w8a8 x{k}")
+                if targets.met(f):
+                    best = (k, f)
+                    break
+                k //= 2
+            if best is None:
                 best = (0, f0)
-                while hi - lo > max(1, len(order) // 32):
-                    mid = (lo + hi) // 2
-                    f = run(config(mid), f"w8a8 x{mid}")
-                    if targets.met(f):
-                        lo, best = mid, (mid, f)
-                    else:
-                        hi = mid
     else:
         f0 = run(config(0), "weight-only")
         best = (0, f0) if targets.met(f0) else None

@@ -1,0 +1,347 @@
+"""INT8 benchmark: fidelity table, speed table (side by side, one run), memory, and the sentence-transformers peer.
+
+    python benchmarks/bench_int8.py fidelity [--models minilm,smollm2] [--methods minmax] [--smoothing auto,off]
+    python benchmarks/bench_int8.py speed    [--layers 2]        # full-width Mistral, B8 x L128
+    python benchmarks/bench_int8.py peer                          # MiniLM vs sentence-transformers' avx512_vnni int8
+    python benchmarks/bench_int8.py all
+
+Fidelity is measured against the PyTorch fp32 reference on ALL 1379 STSBenchmark test pairs (2758 sentences, STS
+instruction for instruction models) and on TRECCOVID (50 queries with their instruction + ``--trec-passages``
+qrels-judged passages). ΔSpearman is reported with its noise floor: the std of ΔSpearman when isotropic noise of
+the same mean cosine is added to the reference embeddings (20 draws). Timings are ratios within one run only.
+Heavy steps hold /tmp/sfr-heavy.lock. Results go to ``--out`` (JSON + markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+DATA = Path(os.environ.get("SFR_EXPORT_DATA_DIR", REPO.parent / "shared" / "data"))
+PEER_VENV = REPO / ".venv-peer-st"
+PEER_PINS = ["sentence-transformers==5.7.0", "transformers==4.57.6", "optimum-onnx", "tokenizers>=0.22,<0.23"]
+
+
+def stsb_test() -> tuple[list[str], list[str], np.ndarray]:
+    with open(DATA / "STSBenchmark" / "stsb-en-test.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+
+
+def trec(n_passages: int) -> tuple[list[str], list[str]]:
+    qs = [json.loads(ln)["text"] for ln in (DATA / "TRECCOVID" / "queries.jsonl").read_text().splitlines() if ln.strip()]
+    judged = {ln.split("\t")[1] for ln in (DATA / "TRECCOVID" / "qrels" / "test.tsv").read_text().splitlines()[1:] if ln}
+    docs = [json.loads(ln) for ln in (DATA / "TRECCOVID" / "corpus.jsonl").read_text().splitlines() if ln.strip()]
+    ps = [(d["title"] + " " + d["text"]).strip() for d in docs if d["_id"] in judged][:n_passages]
+    return qs, ps
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic) * 100
+
+
+def noise_floor(ref_a: np.ndarray, ref_b: np.ndarray, gold: np.ndarray, cos_mean: float, draws: int = 20) -> float:
+    """Std of ΔSpearman under isotropic noise that gives the same mean cosine to the reference."""
+    if cos_mean >= 0.999999:
+        return 0.0
+    rng = np.random.default_rng(0)
+    base = spearman((ref_a * ref_b).sum(1), gold)
+    d = ref_a.shape[1]
+    sigma = np.sqrt(max(1.0 / cos_mean ** 2 - 1.0, 0.0) / d)  # E[cos] of x + N(0, s^2 I) for unit x
+    out = []
+    for _ in range(draws):
+        na = ref_a + rng.normal(0, sigma, ref_a.shape)
+        nb = ref_b + rng.normal(0, sigma, ref_b.shape)
+        na /= np.linalg.norm(na, axis=1, keepdims=True)
+        nb /= np.linalg.norm(nb, axis=1, keepdims=True)
+        out.append(spearman((na * nb).sum(1), gold) - base)
+    return float(np.std(out))
+
+
+def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def encode_all(emb, s1, s2, qs, ps) -> tuple[dict[str, np.ndarray], float, int]:
+    t = time.perf_counter()
+    out = {"s": emb.encode(s1 + s2, prompt="STSBenchmark"), "q": emb.encode_queries(qs, task="TRECCOVID"),
+           "p": emb.encode_documents(ps, task="TRECCOVID")}
+    sec = time.perf_counter() - t
+    toks = sum(len(x) for x in emb.tokenize(s1 + s2, prompt="STSBenchmark").ids)
+    return out, sec, toks
+
+
+def fidelity_row(name: str, ref: dict, cand: dict, gold: np.ndarray, sec: float, ref_sec: float) -> dict:
+    n = len(gold)
+    c = cos_rows(ref["s"], cand["s"])
+    sp_ref = spearman((ref["s"][:n] * ref["s"][n:]).sum(1), gold)
+    sp = spearman((cand["s"][:n] * cand["s"][n:]).sum(1), gold)
+    cq, cp = cos_rows(ref["q"], cand["q"]), cos_rows(ref["p"], cand["p"])
+    rank = spearman((ref["q"] @ ref["p"].T).ravel(), (cand["q"] @ cand["p"].T).ravel()) / 100
+    return {"variant": name, "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)), "cos_min": float(c.min()),
+            "spearman": sp, "d_spearman": sp - sp_ref, "noise_floor": noise_floor(ref["s"][:n], ref["s"][n:], gold, float(c.mean())),
+            "trec_query_cos": float(cq.mean()), "trec_passage_cos": float(cp.mean()), "trec_score_rank_corr": rank,
+            "speed_vs_torch_fp32": ref_sec / sec,
+            "meets": bool(c.mean() >= 0.995 and np.percentile(c, 1) >= 0.98 and abs(sp - sp_ref) <= 0.3)}
+
+
+def cmd_fidelity(args) -> dict:
+    from sfr_export.models import resolve_model
+    from sfr_export.runtime import Embedder
+    from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
+    from sfr_export.stages.export import ExportConfig, run_export
+
+    s1, s2, gold = stsb_test()
+    qs, ps = trec(args.trec_passages)
+    results = {}
+    for model in args.models.split(","):
+        resolved = resolve_model(f"demo:{model}")
+        base = Path(args.out) / model / "fp32"
+        run_export(base, resolved, ExportConfig())
+        with Embedder.from_artifact(base, backend="torch") as e:
+            ref, ref_sec, toks = encode_all(e, s1, s2, qs, ps)
+        rows = []
+        with Embedder.from_artifact(base, backend="torch", torch_dtype="bfloat16") as e:
+            out, sec, _ = encode_all(e, s1, s2, qs, ps)
+        rows.append(fidelity_row("torch bf16", ref, out, gold, sec, ref_sec))
+        with Embedder.from_artifact(base, variant="fp32") as e:
+            out, sec, _ = encode_all(e, s1, s2, qs, ps)
+        rows.append(fidelity_row("ORT fp32", ref, out, gold, sec, ref_sec))
+        for method in args.methods.split(","):
+            for smooth in args.smoothing.split(","):
+                d = Path(args.out) / model / f"{method}-{smooth}"
+                if not (d / "manifest.json").is_file():
+                    shutil.copytree(base, d, ignore=shutil.ignore_patterns("logs"))
+                t = time.perf_counter()
+                recs = run_calibrate(d, CalibrateConfig(method=method, smoothquant=smooth, cpu_form=(smooth == args.smoothing.split(",")[0])))
+                cal_sec = time.perf_counter() - t
+                for r in recs:
+                    v = r.config["variant"]
+                    with Embedder.from_artifact(d, variant=v) as e:
+                        out, sec, _ = encode_all(e, s1, s2, qs, ps)
+                    row = fidelity_row(f"{v} {method} smooth={smooth}", ref, out, gold, sec, ref_sec)
+                    row.update(build_status=r.status, calibrate_seconds=cal_sec, modes=r.figures.get("mixed_precision", {}).get("modes"),
+                               bytes=sum(a.bytes for a in r.artifacts))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        results[model] = {"tokens": toks, "torch_fp32_seconds": ref_sec, "rows": rows,
+                          "fp32_bytes": sum(p.stat().st_size for p in (base / "onnx" / "fp32").iterdir())}
+    return results
+
+
+def cmd_speed(args) -> dict:
+    """Full-width Mistral (hidden 4096, 2 layers): torch fp32 eager vs ORT fp32 / int8 Q/DQ / int8-cpu, B8 x L128."""
+    import resource
+
+    import torch
+
+    from bench_export_memory import heavy_lock, make_wide_mistral
+    from sfr_export.models import resolve_model
+    from sfr_export.runtime import Embedder
+    from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
+    from sfr_export.stages.export import ExportConfig, run_export
+
+    work = Path(args.out) / f"wide{args.layers}"
+    mdir = work / "model"
+    if not (mdir / "config.json").is_file():
+        with heavy_lock():
+            make_wide_mistral(mdir, args.layers)
+    out = work / "artifact"
+    resolved = resolve_model(str(mdir))
+    with heavy_lock():
+        run_export(out, resolved, ExportConfig(validate=False))
+        t = time.perf_counter()
+        recs = run_calibrate(out, CalibrateConfig(samples=32, holdout=16, smoothquant="auto"))
+        cal_sec = time.perf_counter() - t
+    ids = np.random.default_rng(0).integers(100, 30000, size=(8, 128)).astype(np.int64)
+    mask = np.ones_like(ids)
+    res = {"calibrate_seconds": cal_sec, "calibrate_worker_peak_rss_mb": recs[0].figures.get("worker_peak_rss_mb"),
+           "sizes": {}, "tokens_per_s": {}, "status": {r.name: r.status for r in recs}}
+    for v in ("fp32", "int8", "int8-cpu"):
+        d = out / "onnx" / v
+        res["sizes"][v] = sum(p.stat().st_size for p in d.iterdir())
+
+    def bench(fn, reps: int = 5) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return ids.size / float(np.median(ts))
+
+    with heavy_lock():
+        with Embedder.from_artifact(out, backend="torch") as e:
+            res["tokens_per_s"]["torch fp32 eager"] = bench(lambda: e.runner.infer(ids, mask))
+        with Embedder.from_artifact(out, backend="torch", torch_dtype="bfloat16") as e:
+            res["tokens_per_s"]["torch bf16 eager"] = bench(lambda: e.runner.infer(ids, mask))
+        for v in ("fp32", "int8", "int8-cpu"):
+            with Embedder.from_artifact(out, variant=v) as e:
+                res["tokens_per_s"][f"ORT {v}"] = bench(lambda: e.runner.infer(ids, mask))
+        res["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the machine's int8 GEMM peak, measured now: ORT MatMulInteger on [1024, 4096] x [4096, 4096]
+    res["int8_peak_gops"] = int8_peak()
+    lin = linear_params(args.layers)
+    for k, tps in res["tokens_per_s"].items():
+        res.setdefault("gops", {})[k] = 2 * lin * tps / 1e9
+    res["int8_cpu_fraction_of_int8_peak"] = res["gops"]["ORT int8-cpu"] / res["int8_peak_gops"]
+    res["ratio_int8_cpu_vs_torch_fp32"] = res["tokens_per_s"]["ORT int8-cpu"] / res["tokens_per_s"]["torch fp32 eager"]
+    res["ratio_int8_qdq_vs_ort_fp32"] = res["tokens_per_s"]["ORT int8"] / res["tokens_per_s"]["ORT fp32"]
+    peak = res["calibrate_worker_peak_rss_mb"] or 0
+    res["calibrate_peak_bytes_per_param"] = peak * 2 ** 20 / total_params(args.layers)
+    res["calibrate_peak_extrapolated_7b_gib"] = res["calibrate_peak_bytes_per_param"] * 7.24e9 / 2 ** 30
+    return res
+
+
+def linear_params(layers: int) -> int:
+    h, i, kv = 4096, 14336, 1024
+    return layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
+
+
+def total_params(layers: int) -> int:
+    return linear_params(layers) + 32000 * 4096
+
+
+def int8_peak() -> float:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = n = 4096
+    m = 1024
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mmi",
+                          [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                          [helper.make_tensor("b", TensorProto.INT8, [k, n], np.random.default_rng(0).integers(-127, 127, (k, n), dtype=np.int8).tobytes(), raw=True)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 255, (m, k), dtype=np.uint8)
+    s.run(None, {"a": a})
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        s.run(None, {"a": a})
+        ts.append(time.perf_counter() - t)
+    return 2 * m * k * n / float(np.median(ts)) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peer: sentence-transformers' own int8 export, in its own venv (optimum-onnx pins transformers < 4.58)
+# ----------------------------------------------------------------------------------------------------------------
+PEER_SCRIPT = r'''
+import json, sys, time, shutil, numpy as np
+from pathlib import Path
+from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+src, work, texts_path = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+texts = json.loads(texts_path.read_text())
+if work.exists(): shutil.rmtree(work)
+shutil.copytree(src, work)
+m = SentenceTransformer(str(work), backend="onnx", device="cpu")
+m.save_pretrained(str(work))
+export_dynamic_quantized_onnx_model(m, "avx512_vnni", str(work))
+q = SentenceTransformer(str(work), backend="onnx", device="cpu", model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"})
+q.encode(texts[:64], batch_size=32)
+t = time.perf_counter(); e = q.encode(texts, batch_size=32, normalize_embeddings=True); sec = time.perf_counter() - t
+np.save(work / "peer_emb.npy", e)
+print("PEER " + json.dumps({"seconds": sec, "n": len(texts)}))
+'''
+
+
+def ensure_peer_venv() -> Path:
+    py = PEER_VENV / "bin" / "python"
+    if py.is_file():
+        return py
+    subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    # torch (CPU) and onnxruntime come from the main venv through a .pth appended AFTER the peer's own
+    # site-packages, so the peer's pinned transformers 4.57.6 shadows the main venv's transformers 5.
+    site = next((PEER_VENV / "lib").glob("python*/site-packages"))
+    main_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site / "zz_main_venv.pth").write_text(main_site + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *PEER_PINS], check=True)
+    return py
+
+
+def cmd_peer(args) -> dict:
+    from sfr_export.models import resolve_model
+    from sfr_export.runtime import Embedder
+    from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
+    from sfr_export.stages.export import ExportConfig, run_export
+
+    s1, s2, gold = stsb_test()
+    texts = s1 + s2
+    resolved = resolve_model("demo:minilm")
+    root = Path(args.out) / "peer" / "ours"
+    run_export(root, resolved, ExportConfig())
+    run_calibrate(root, CalibrateConfig())
+    try:
+        py = ensure_peer_venv()
+    except (subprocess.CalledProcessError, StopIteration) as exc:
+        return {"error": f"could not build the peer venv ({exc}); sentence-transformers 5.7.0 + transformers 4.57.6 + optimum-onnx needed"}
+    tp = Path(args.out) / "peer" / "texts.json"
+    tp.write_text(json.dumps(texts))
+    work = Path(args.out) / "peer" / "st"
+    script = Path(args.out) / "peer" / "peer.py"
+    script.write_text(PEER_SCRIPT)
+    res = {}
+    n = len(gold)
+    with Embedder.from_artifact(root, backend="torch") as e:
+        t = time.perf_counter()
+        ref = e.encode(texts, batch_size=32)
+        res["torch_fp32_seconds"] = time.perf_counter() - t
+    sp_ref = spearman((ref[:n] * ref[n:]).sum(1), gold)
+    for v in ("int8", "int8-cpu"):
+        with Embedder.from_artifact(root, variant=v, batch_size=32) as e:
+            e.encode(texts[:64])
+            t = time.perf_counter()
+            out = e.encode(texts)
+            sec = time.perf_counter() - t
+        c = cos_rows(ref, out)
+        res[f"ours {v}"] = {"seconds": sec, "speed_vs_torch": res["torch_fp32_seconds"] / sec, "cos_mean": float(c.mean()),
+                            "cos_p1": float(np.percentile(c, 1)), "d_spearman": spearman((out[:n] * out[n:]).sum(1), gold) - sp_ref}
+    proc = subprocess.run([str(py), str(script), str(resolved.local_dir), str(work), str(tp)], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PEER ")), None)
+    if line is None:
+        res["peer"] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] }
+        return res
+    info = json.loads(line[5:])
+    pe = np.load(work / "peer_emb.npy")
+    c = cos_rows(ref, pe)
+    res["peer st avx512_vnni"] = {"seconds": info["seconds"], "speed_vs_torch": res["torch_fp32_seconds"] / info["seconds"],
+                                  "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)),
+                                  "d_spearman": spearman((pe[:n] * pe[n:]).sum(1), gold) - sp_ref}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["fidelity", "speed", "peer", "all"])
+    ap.add_argument("--models", default="minilm,smollm2")
+    ap.add_argument("--methods", default="minmax")
+    ap.add_argument("--smoothing", default="auto,off")
+    ap.add_argument("--trec-passages", type=int, default=300)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/sfr-bench-int8")
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    todo = ["fidelity", "speed", "peer"] if args.what == "all" else [args.what]
+    for w in todo:
+        res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "peer": cmd_peer}[w](args)
+        (Path(args.out) / f"{w}.json").write_text(json.dumps(res, indent=2, default=str))
+        print(f"== {w}\n" + json.dumps(res, indent=2, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
