@@ -37,3 +37,30 @@ def register(app: typer.Typer) -> None:
                           batching=BatchingConfig(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                                                   max_wait_ms=max_wait_ms, max_queue_inputs=max_queue))
         run_server(directory, cfg, EmbedderOptions(backend=backend, variant=variant, verify=not no_verify))
+
+    @app.command()
+    def bench(
+        directory: Path = typer.Argument(..., help="An sfr-export output dir."),
+        batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+        seq_lens: str = typer.Option("32,128,512", help="Comma-separated sequence lengths (tokens)."),
+        candidates: Optional[str] = typer.Option(None, help="e.g. torch:fp32,onnxruntime:int8 (default: all present)."),
+        cell_seconds: float = typer.Option(2.0, help="Time spent measuring each batch/seq cell."),
+        min_iters: int = typer.Option(3, help="Timed calls per cell, at least."),
+        max_iters: int = typer.Option(50, help="Timed calls per cell, at most."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON path (default DIR/bench/bench.json)."),
+        plot: bool = typer.Option(True, help="Also write a PNG plot beside the JSON."),
+    ) -> None:
+        """Benchmark every backend/variant of DIR side by side (each in a fresh process): tokens/s, p50/p99,
+        peak RSS, model size, ratios against torch fp32."""
+        from ..bench import BenchConfig, markdown_table, run_bench, write_outputs
+        from ..cli import console, parse_csv
+
+        cfg = BenchConfig(batch_sizes=tuple(int(x) for x in parse_csv(batch_sizes, name="--batch-sizes")),
+                          seq_lens=tuple(int(x) for x in parse_csv(seq_lens, name="--seq-lens")),
+                          cell_seconds=cell_seconds, min_iters=min_iters, max_iters=max_iters,
+                          candidates=tuple(parse_csv(candidates, name="--candidates")) if candidates else ())
+        json_path = output or directory / "bench" / "bench.json"
+        report = run_bench(directory, cfg, on_progress=lambda msg: console.print(f"[dim]bench[/] {msg}"))
+        write_outputs(report, json_path, json_path.with_suffix(".png") if plot else None)
+        typer.echo(markdown_table(report))
+        typer.echo(f"\nwrote {json_path}" + (f" and {json_path.with_suffix('.png')}" if plot else ""))
