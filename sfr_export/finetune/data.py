@@ -299,9 +299,10 @@ def retrieval_split(folder: Path, *, task: str, part: str = "train", heldout_fra
                 continue
             qrels.setdefault(row[0], {})[row[1]] = int(row[2])
     if carve:
-        keep = {q for q in qrels if _heldout(f"{task}:{q}", heldout_fraction) == (part == "heldout")}
+        keep = [q for q in qrels if _heldout(f"{task}:{q}", heldout_fraction) == (part == "heldout")]  # ordered
         if part == "train":  # a document relevant to any held-out query never becomes a training positive
-            held_docs = {d for q, rel in qrels.items() if q not in keep for d in rel}
+            kept = set(keep)
+            held_docs = {d for q, rel in qrels.items() if q not in kept for d in rel}
             qrels = {q: {d: g for d, g in qrels[q].items() if d not in held_docs} for q in keep}
         else:
             qrels = {q: qrels[q] for q in keep}
