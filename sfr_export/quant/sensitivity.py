@@ -151,6 +151,7 @@ class Selection:
     sensitivity_w8: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     float_reasons: dict[str, str] = field(default_factory=dict)
+    sensitivity_kind: str = ""
 
 
 def layer_sensitivity(model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator, mode: str,
@@ -162,9 +163,35 @@ def layer_sensitivity(model: Any, names: Sequence[str], thresholds: dict[str, fl
     return out
 
 
+def local_sensitivity(model: Any, names: Sequence[str], thresholds: dict[str, float], rows: dict[str, np.ndarray],
+                      mode: str) -> dict[str, float]:
+    """Relative output error of each linear alone under ``mode`` on its sampled calibration input rows
+    (``||Q(X) Q(W)^T - X W^T||^2 / ||X W^T||^2``): the cheap per-layer sensitivity for models with many linears."""
+    import torch
+
+    mods = linear_modules(model)
+    out = {}
+    with torch.inference_mode():
+        for n in names:
+            x = torch.from_numpy(np.asarray(rows[n], dtype=np.float32))
+            if x.shape[0] == 0:
+                out[n] = 0.0
+                continue
+            w = mods[n].weight.detach().float()
+            ref = x @ w.T
+            xq = x
+            if mode == "w8a8":
+                s = act_scale(thresholds[n])
+                xq = torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
+            err = xq @ fake_weight(w).T - ref
+            out[n] = float((err ** 2).sum() / (ref ** 2).sum().clamp(min=1e-30))
+    return out
+
+
 def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator,
                  targets: Targets, *, allow_w8a8: bool = True, sens_subset: int | None = 16,
-                 strict: bool = False, progress: Callable[[str], None] | None = None) -> Selection:
+                 strict: bool = False, progress: Callable[[str], None] | None = None,
+                 rows: dict[str, np.ndarray] | None = None, e2e_max_layers: int = 64) -> Selection:
     """Fidelity-targeted mixed precision (see module doc). ``strict`` raises FidelityGateError (with the best
     fidelity reached) when the targets cannot be met within ``targets.max_float_fraction`` float layers."""
     say = progress or (lambda _m: None)
@@ -178,9 +205,19 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
 
     sel = Selection(modes={}, fidelity=Fidelity(0, 0, 0), met=False, history=history)
     order: list[str] = []
+    local = rows is not None and len(names) > e2e_max_layers
+    sel.sensitivity_kind = ("local output error on calibration rows" if local
+                            else "1 - mean cosine on held-out texts with only this layer quantized")
+
+    def sensitivity(mode: str) -> dict[str, float]:
+        say(f"per-layer {mode} sensitivity of {len(names)} linears ({'local' if local else 'end-to-end'})")
+        if local:
+            assert rows is not None
+            return local_sensitivity(model, names, thresholds, rows, mode)
+        return layer_sensitivity(model, names, thresholds, evaluate, mode, sens_subset)
+
     if allow_w8a8:
-        say(f"per-layer W8A8 sensitivity of {len(names)} linears")
-        sel.sensitivity_w8a8 = layer_sensitivity(model, names, thresholds, evaluate, "w8a8", sens_subset)
+        sel.sensitivity_w8a8 = sensitivity("w8a8")
         order = sorted(names, key=lambda n: sel.sensitivity_w8a8[n])
 
     def config(k: int, floats: Sequence[str] = ()) -> dict[str, str]:
@@ -223,7 +260,7 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
         return sel
     # weight-only everywhere misses the target: move the most weight-sensitive linears to float
     say("weight-only misses the target: measuring weight-only sensitivity")
-    sel.sensitivity_w8 = layer_sensitivity(model, names, thresholds, evaluate, "w8", sens_subset)
+    sel.sensitivity_w8 = sensitivity("w8")
     worst = sorted(names, key=lambda n: -sel.sensitivity_w8[n])
     max_float = max(1, int(len(names) * targets.max_float_fraction))
     lo, hi = 0, max_float

@@ -48,6 +48,7 @@ class CalibrateConfig:
     holdout: int | None = None
     seed: int | None = None
     batch_size: int = 8
+    pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -156,6 +157,8 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
     calib_b = make_batches(tt, [c.text for c in cs.calibration], cfg.batch_size)
     hold_b = make_batches(tt, [c.text for c in cs.holdout], cfg.batch_size)
     pair_b, gold = None, None
+    if cfg.pairs is not None:
+        cs.pairs = cs.pairs[: cfg.pairs]
     if cs.pairs:
         sts = spec.apply_prompt([a for a, _, _ in cs.pairs] + [b for _, b, _ in cs.pairs], "STSBenchmark")
         pair_b, gold = make_batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
@@ -205,9 +208,10 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
                                     obs.ObserveConfig(method=cfg.method, percentile=cfg.percentile), seed=recipe.seed)
     targets = cfg.targets()
     sel = sens.choose_modes(model, names, thresholds, ev, targets, allow_w8a8=cfg.w8a8,
-                            strict=cfg.target_cosine is not None, progress=progress)
+                            strict=cfg.target_cosine is not None, progress=progress,
+                            rows={n: s.sample() for n, s in stats.items()})
     figures["mixed_precision"] = {"modes": dict(sorted(Counter(sel.modes.values()).items())),
-                                  "torch_fidelity": sel.fidelity.to_dict(), "history": sel.history,
+                                  "torch_fidelity": sel.fidelity.to_dict(), "history": sel.history, "sensitivity": sel.sensitivity_kind,
                                   "float": {n: r for n, r in sel.float_reasons.items() if sel.modes[n] == "float"},
                                   "w8a8": sorted(n for n, m in sel.modes.items() if m == "w8a8")}
     mods = dict(model.named_modules())

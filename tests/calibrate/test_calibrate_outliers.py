@@ -41,6 +41,11 @@ def test_outliers_break_naive_w8a8_and_smoothquant_plus_mixed_precision_recovers
     # the injected channels really are outliers at the q/k/v and gate/up inputs
     q_in = stats["layers.0.self_attn.q_proj"].channel_absmax
     assert q_in[[3, 17, 40]].min() > 10 * np.median(q_in)
+    # the cheap per-layer sensitivity (used above 64 linears) points at the layers reading the outlier channels
+    local = sens.local_sensitivity(model, names, thr, {n: st.sample() for n, st in stats.items()}, "w8a8")
+    assert not max(local, key=local.get).endswith("o_proj"), local  # o_proj reads no amplified channel
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert local[f"layers.0.self_attn.{n}"] > 3 * local["layers.0.self_attn.o_proj"], local
     naive = ev(model, {n: "w8a8" for n in names}, thr)
     assert not TARGETS.met(naive), naive
     assert naive.cos_mean < 0.99
