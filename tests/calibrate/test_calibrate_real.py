@@ -38,7 +38,7 @@ def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
     src = exported(tmp_path_factory, model, "fp32")
     root = tmp_path_factory.mktemp("real") / model.replace(":", "_")
     shutil.copytree(src, root, ignore=shutil.ignore_patterns("fp16", "logs"))
-    recs = run_calibrate(root, CalibrateConfig(samples=96, holdout=32))
+    recs = run_calibrate(root, CalibrateConfig(samples=96, holdout=32, pairs=100))
     assert [r.name for r in recs] == ["calibrate:int8", "calibrate:int8-cpu"]
     s1, s2, gold = _stsb(data_dir, PAIRS)
     with Embedder.from_artifact(root, backend="torch") as e:
