@@ -25,6 +25,7 @@ out = Console()
 # Modules that add commands with `register(app)`. One line per pipeline area.
 COMMAND_MODULES = [
     "sfr_export.commands.core",
+    "sfr_export.commands.verify",
     "sfr_export.commands.calibrate",
     "sfr_export.commands.serve",
     "sfr_export.commands.finetune",

@@ -51,6 +51,11 @@ def build(root: Path, model: ResolvedModel, config: BuildConfig,
 
         records.append(run_engine(root, EngineConfig.for_spec(model.spec, precision=config.precision),
                                   force=config.force, on_progress=stage_progress("engine")))
+    if config.verify:
+        # Quick, time-boxed fidelity check of every variant built; a failing gate raises FidelityGateError (exit 1).
+        from .stages.verify import VerifyConfig, run_verify
+
+        records.append(run_verify(root, VerifyConfig.for_build(), on_progress=stage_progress("verify")).record)
     return records
 
 
