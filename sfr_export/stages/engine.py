@@ -365,7 +365,8 @@ def run_engine(root: Path, config: EngineConfig, *, force: bool = False, on_prog
             raise EngineError(reason)
     if not env.ok:
         existing = manifest.stage(STAGE)
-        if existing is not None and existing.status == "ok" and not force:
+        if existing is not None and existing.status == "ok" and not force \
+                and existing.config.get("precision") == config.precision.value:
             log.warning("no TensorRT/GPU here (%s); keeping the engine recorded earlier", env.reason)
             return existing
         return _skip(manifest, config, env.reason, figures)

@@ -118,3 +118,17 @@ def _cli(main, args) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+@needs_no_trt
+def test_engine_built_elsewhere_is_kept_only_for_the_same_precision(artifact_copy):
+    d = artifact_copy / "engine" / "fp32"
+    d.mkdir(parents=True)
+    (d / "model.plan").write_bytes(b"plan from a GPU machine")
+    m = Manifest.load(artifact_copy)
+    m.record(StageRecord(stage="engine", name="engine", config=EngineConfig(precision=Precision.FP32).to_dict(),
+                         artifacts=[ArtifactRecord.of(artifact_copy, d / "model.plan", "engine")]))
+    kept = run_engine(artifact_copy, EngineConfig(precision=Precision.FP32))
+    assert kept.status == "ok"  # not overwritten by a skip on a machine without TensorRT
+    replaced = run_engine(artifact_copy, EngineConfig(precision=Precision.FP32), force=True)
+    assert replaced.status == "skipped"
