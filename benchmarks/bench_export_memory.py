@@ -6,13 +6,20 @@ tokenizer) with 2 and 4 layers, exports each in fp32 and fp16 through both paths
 stage, whose worker runs in its own subprocess and reports ``worker_peak_rss_mb``), prints a table and extrapolates
 peak RSS linearly in the layer count to 32 layers (Mistral-7B).
 
+Each export runs as ``flock /tmp/sfr-heavy.lock python bench_export_memory.py --one …``: a fresh process that calls
+the export stage, whose worker subprocess does the export. Peak RSS: the low-memory path records its own peak
+(``export_peak_rss_mb``, from VmHWM, before any validation); the normal path's figure is the worker's
+``worker_peak_rss_mb`` (ru_maxrss). On Linux ru_maxrss survives exec, so a worker reports at least the peak of the
+process that spawned it; that floor (the ``--one`` process's own VmHWM when it starts the export, a few hundred MB)
+is printed and is far below the normal path's peaks. This parent process never imports torch.
+
 Export runs with validation off, so the worker's peak is the export's own peak. With ``--validate`` (default) the
 low-memory exports are validated against PyTorch in the same worker (both padding sides); their export peak is then
 the figure the low-memory path records before validation (``export_peak_rss_mb``) and the worker peak including
 validation is shown beside it. The 4-layer fp32 low-memory export is not validated by default
 (``--validate-max-gb``): the fp32 torch reference and the ORT session would each hold another 4 GB.
 
-Every heavy step holds ``/tmp/sfr-heavy.lock`` (the same lock as ``flock /tmp/sfr-heavy.lock``).
+Every heavy step holds ``/tmp/sfr-heavy.lock``.
 
     python benchmarks/bench_export_memory.py                  # 2 and 4 layers, fp32 + fp16, both paths
     python benchmarks/bench_export_memory.py --layers 2 --paths lowmem --precisions fp16
@@ -25,6 +32,7 @@ import contextlib
 import fcntl
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,30 +132,61 @@ class Run:
     seconds: float
     data_bytes: int
     min_cosine: float | None
+    spawn_floor_mb: float
+    graph_peak_mb: float  # low-memory path: peak after tracing, before any weight is read
 
 
-def run_one(model_dir: Path, out_dir: Path, layers: int, precision: str, path: str, validate: bool) -> Run:
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) / 1024.0 for line in fh if line.startswith("VmHWM:"))
+
+
+def one_export(model_dir: Path, out_dir: Path, precision: str, path: str, validate: bool) -> dict:
+    """Body of ``--one``: run the export stage once; returns its figures plus the spawn floor (see module doc)."""
     from sfr_export.models import resolve_model
     from sfr_export.stages.export import ExportConfig, run_export
 
     model = resolve_model(str(model_dir), compute_fingerprint=False)
     cfg = ExportConfig(precision=precision, validate=validate, low_memory="on" if path == "lowmem" else "off")
     shutil.rmtree(out_dir, ignore_errors=True)
+    from sfr_export.stages.common import prepare_output
+
+    prepare_output(out_dir, model)  # tokenizer/spec written before the floor is read, as run_export would
+    floor = _vm_hwm_mb()
     t0 = time.time()
-    with heavy_lock():
-        rec = run_export(out_dir, model, cfg, force=True)
-    seconds = time.time() - t0
-    f = rec.figures
+    rec = run_export(out_dir, model, cfg, force=True)
+    figures = dict(rec.figures)
+    figures["wall_seconds"] = time.time() - t0
+    figures["spawn_floor_mb"] = floor
+    figures["onnx_bytes"] = sum(p.stat().st_size for p in (out_dir / "onnx" / precision).iterdir())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return figures
+
+
+def run_one(model_dir: Path, out_dir: Path, layers: int, precision: str, path: str, validate: bool) -> Run:
+    """One export in its own process, under ``flock /tmp/sfr-heavy.lock``."""
+    job = json.dumps({"model_dir": str(model_dir), "out_dir": str(out_dir), "precision": precision, "path": path,
+                      "validate": validate})
+    cmd = ["flock", str(LOCK), sys.executable, str(Path(__file__).resolve()), "--one", job]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"export {layers} layers {precision} {path} failed (exit {proc.returncode})")
+    f = json.loads(lines[-1][7:])
     if f.get("low_memory") != (path == "lowmem"):
         raise SystemExit(f"the export stage took the {'low-memory' if f.get('low_memory') else 'normal'} path, asked {path}")
-    data = sum(p.stat().st_size for p in (out_dir / "onnx" / precision).iterdir())
     worker = float(f["worker_peak_rss_mb"])
-    export_peak = float(f.get("export_peak_rss_mb", worker)) if validate else worker
-    if validate and path != "lowmem":
+    if path == "lowmem":
+        export_peak = float(f["export_peak_rss_mb"])
+    elif validate:
         raise SystemExit("the normal path records no export-only peak; run it with validation off")
-    cos = f.get("validation", {}).get("min_cosine")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return Run(layers, precision, path, validate, export_peak, worker, seconds, data, cos)
+    else:
+        export_peak = worker
+        if worker <= f["spawn_floor_mb"] * 1.05:
+            print(f"  warning: the worker peak {worker:.0f} MB is at the spawn floor {f['spawn_floor_mb']:.0f} MB", flush=True)
+    cos = (f.get("validation") or {}).get("min_cosine")
+    return Run(layers, precision, path, validate, export_peak, worker, float(f["wall_seconds"]),
+               int(f["onnx_bytes"]), cos, float(f["spawn_floor_mb"]), float(f.get("graph_peak_rss_mb") or 0.0))
 
 
 def extrapolate(runs: list[Run], target: int) -> list[tuple[str, str, float, float]]:
@@ -176,7 +215,18 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--target-layers", type=int, default=32)
     ap.add_argument("--json", type=Path, default=None, help="also write the runs as JSON here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one export (JSON job)
+    ap.add_argument("--build", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: DIR LAYERS SHARDS_FROM|-
     args = ap.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        figures = one_export(Path(job["model_dir"]), Path(job["out_dir"]), job["precision"], job["path"], job["validate"])
+        print("RESULT " + json.dumps(figures, default=str), flush=True)
+        return
+    if args.build:
+        d, n, src = args.build
+        make_wide_mistral(Path(d), int(n), shards_from=None if src == "-" else Path(src))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="sfr-bench-mem-", dir=args.workdir))
     runs: list[Run] = []
@@ -184,8 +234,9 @@ def main() -> None:
         biggest = None
         for layers in sorted(args.layers, reverse=True):  # build the biggest first, hard-link its shards for the others
             print(f"building a {layers}-layer Mistral-7B-shaped checkpoint (random fp16 weights)…", flush=True)
-            with heavy_lock():
-                d = make_wide_mistral(work / f"mistral-{layers}l", layers, shards_from=biggest)
+            d = work / f"mistral-{layers}l"
+            subprocess.run(["flock", str(LOCK), sys.executable, str(Path(__file__).resolve()), "--build", str(d),
+                            str(layers), str(biggest or "-")], check=True)
             biggest = biggest or d
         for layers in sorted(args.layers):
             for prec in args.precisions:
@@ -195,20 +246,21 @@ def main() -> None:
                     print(f"export {layers} layers {prec} {path}{' + validation' if validate else ''}…", flush=True)
                     r = run_one(work / f"mistral-{layers}l", work / "out", layers, prec, path, validate)
                     runs.append(r)
-                    print(f"  export peak {r.export_peak_mb:,.0f} MB, worker peak {r.worker_peak_mb:,.0f} MB, "
-                          f"{r.seconds:.0f}s" + (f", min cosine {r.min_cosine:.6f}" if r.min_cosine is not None else ""),
+                    print(f"  export peak {r.export_peak_mb:,.0f} MB, worker peak {r.worker_peak_mb:,.0f} MB "
+                          f"(spawn floor {r.spawn_floor_mb:,.0f} MB), {r.seconds:.0f}s" + (f", min cosine {r.min_cosine:.6f}" if r.min_cosine is not None else ""),
                           flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print("| layers | precision | path | weights (MiB) | export peak RSS (MiB) | peak - weights (MiB) | "
+    print("| layers | precision | path | weights (MiB) | export peak RSS (MiB) | peak - weights (MiB) | graph-only peak (MiB) | "
           "worker peak incl. validation (MiB) | validation min cos | seconds |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         w = weight_bytes(r.layers, r.precision) / 2**20
-        print(f"| {r.layers} | {r.precision} | {r.path} | {w:,.0f} | {r.export_peak_mb:,.0f} | {r.export_peak_mb - w:+,.0f} | "
-              f"{r.worker_peak_mb if r.validated else float('nan'):,.0f} | "
+        g = f"{r.graph_peak_mb:,.0f}" if r.path == "lowmem" else "-"
+        print(f"| {r.layers} | {r.precision} | {r.path} | {w:,.0f} | {r.export_peak_mb:,.0f} | {r.export_peak_mb - w:+,.0f} | {g} | "
+              f"{f'{r.worker_peak_mb:,.0f}' if r.validated else '-'} | "
               f"{'%.6f' % r.min_cosine if r.min_cosine is not None else 'not validated'} | {r.seconds:.0f} |")
     print()
     print(f"Extrapolation to {args.target_layers} layers (linear in the layer count); goal: peak <= weights + 1 GiB")
@@ -222,5 +274,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -52,6 +52,18 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS in MiB: VmHWM on Linux, else ru_maxrss.
+
+    ru_maxrss is not used on Linux because it survives exec: a worker spawned by a process that once held N GB
+    reports at least N GB. VmHWM belongs to the current address space only.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

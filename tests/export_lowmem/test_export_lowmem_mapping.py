@@ -80,16 +80,17 @@ def test_recomputed_inv_freq_is_the_models(meta_trace, tiny):
 
 
 def test_missing_tensor_gives_a_clear_error(tmp_path, tiny):
-    """Through the real export stage (worker subprocess): the error names the tensor, before any tracing."""
-    from sfr_export.models import resolve_model
-    from sfr_export.stages.export import ExportConfig, run_export
+    """The error names the tensor and comes before any tracing; nothing is written."""
+    from sfr_export.stages.export import ExportConfig
+    from sfr_export.stages.lowmem_export import export_low_memory
 
     tensors = load_file(str(tiny.local_dir / "model.safetensors"))
     del tensors["layers.1.mlp.up_proj.weight"]
     d = _copy_model(tiny.local_dir, tmp_path / "broken", tensors=tensors)
+    (tmp_path / "out").mkdir()
     with pytest.raises(ModelLoadError, match=r"missing from model\.safetensors: layers\.1\.mlp\.up_proj\.weight"):
-        run_export(tmp_path / "out", resolve_model(str(d)), ExportConfig(low_memory="on", validate=False))
-    assert not (tmp_path / "out" / "onnx" / "fp32").exists()
+        export_low_memory(d, tiny.spec, ExportConfig(low_memory="on", validate=False), tmp_path / "out" / "model.onnx")
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_truncated_safetensors_is_refused(tmp_path, tiny):
