@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ret-distractors", type=int, default=12)
     p.add_argument("--modes", default="homogeneous,mixed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-base", type=Path, default=None,
+                   help="results(.partial).json of an earlier run with the same eval flags: skip the base scoring")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "httpx", "sfr_export.tokenization"):
@@ -92,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("train examples %d; eval: %d STS test pairs, %d held-out queries x %d documents",
              len(examples), len(sts[2]), len(ret[1]), len(ret[0]))
 
-    results: dict[str, dict] = {"base": score(args.model, sts, ret, args)}
+    if args.reuse_base:  # base scores of an earlier run with the same eval flags (same subsets, same max length)
+        prev = json.loads(args.reuse_base.read_text())
+        results: dict[str, dict] = {"base": {**prev.get("results", prev)["base"], "from": str(args.reuse_base)}}
+    else:
+        results = {"base": score(args.model, sts, ret, args)}
     (args.out / "results.partial.json").write_text(json.dumps(results, indent=2))
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         cfg = FinetuneConfig.from_dict({

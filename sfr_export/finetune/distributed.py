@@ -112,6 +112,17 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, *, fsdp: bool = False) ->
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def full_params(model: torch.nn.Module):
+    """Context in which an FSDP model's parameters are whole on every rank (collective); a no-op otherwise."""
+    import contextlib
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
+
+
 def shard(rows: list[Any], info: DistInfo) -> list[Any]:
     """This process's contiguous slice of the global batch (rank-major, matching ``loss.build_layout``)."""
     if len(rows) % info.world:

@@ -29,7 +29,7 @@ from ..errors import TrainingError
 from ..manifest import atomic_dir, atomic_write_text
 from .config import FinetuneConfig
 from .data import Example, read_jsonl, tasks_of
-from .distributed import DistInfo, all_reduce_mean, barrier, init_from_env, wrap_model
+from .distributed import DistInfo, all_reduce_mean, barrier, full_params, init_from_env, wrap_model
 from .sampler import TaskBatchSampler
 from .step import EmbeddingModel, Tokenizers, collate, contrastive_step
 
@@ -197,6 +197,9 @@ def train(cfg: FinetuneConfig, *, info: DistInfo | None = None) -> TrainResult:
     step = 0
     resumed_from = None
     ckpt = latest_checkpoint(output) if cfg.train.resume else None
+    if ckpt is not None and cfg.train.fsdp and info.enabled:
+        raise TrainingError(f"resuming under FSDP is not supported (optimizer state is sharded): {ckpt} exists; "
+                            "use DDP to resume, or set train.resume = false")
     if ckpt is not None:
         step = resumed_from = load_checkpoint(ckpt, peft_model, optimizer, scheduler, sampler, identity)
         log.info("resumed from %s (step %d)", ckpt, step)
@@ -233,16 +236,19 @@ def train(cfg: FinetuneConfig, *, info: DistInfo | None = None) -> TrainResult:
                 log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s %.0f tok/s", step, cfg.train.steps, step_loss,
                          scheduler.get_last_lr()[0], ex_count / elapsed, tok_count / elapsed)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                if info.is_main:
-                    save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity,
-                                    cfg.train.keep_checkpoints)
+                with full_params(model):
+                    if info.is_main:
+                        save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity,
+                                        cfg.train.keep_checkpoints)
                 barrier(info)
     result.steps = step
     elapsed = max(time.time() - t_loop, 1e-9)
     result.examples_per_s, result.tokens_per_s = ex_count / elapsed, tok_count / elapsed
-    if info.is_main:
-        save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity, cfg.train.keep_checkpoints)
-        result.seconds = time.time() - t_start
-        write_outputs(output, peft_model, resolved, cfg, result)
+    with full_params(model):
+        if info.is_main:
+            save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity,
+                            cfg.train.keep_checkpoints)
+            result.seconds = time.time() - t_start
+            write_outputs(output, peft_model, resolved, cfg, result)
     barrier(info)
     return result
