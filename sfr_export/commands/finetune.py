@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -111,6 +112,8 @@ def register(app: typer.Typer) -> None:
         from ..finetune.train import train
 
         res = train(FinetuneConfig.from_toml(config))
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return
         print_json({"output": str(res.output), "steps": res.steps, "resumed_from": res.resumed_from,
                     "loss_first": res.losses[0] if res.losses else None,
                     "loss_last": res.losses[-1] if res.losses else None,

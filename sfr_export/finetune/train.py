@@ -165,7 +165,7 @@ def _progress(total: int, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]finetune[/]"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[eps]:.1f} ex/s  {task.fields[tps]:.0f} tok/s"),
+                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[eps]:.2f} ex/s  {task.fields[tps]:.0f} tok/s"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
 
 
@@ -233,7 +233,7 @@ def train(cfg: FinetuneConfig, *, info: DistInfo | None = None) -> TrainResult:
             elapsed = max(time.time() - t_loop, 1e-9)
             prog.update(bar, completed=step, loss=step_loss, eps=ex_count / elapsed, tps=tok_count / elapsed)
             if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s %.0f tok/s", step, cfg.train.steps, step_loss,
+                log.info("step %d/%d loss %.4f lr %.2e %.2f ex/s %.0f tok/s", step, cfg.train.steps, step_loss,
                          scheduler.get_last_lr()[0], ex_count / elapsed, tok_count / elapsed)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 with full_params(model):
