@@ -3,14 +3,18 @@
     python benchmarks/bench_memory_flat.py out/tiny --calls 10000
 
 Calls vary batch size (1..16) and text length so ONNX Runtime sees many shapes. The first ``--warmup`` calls are
-not counted (arena and allocator warm-up). Reports RSS after warm-up, at the end, the max, and the slope of a
-least-squares line through the samples (MB per 1k calls): flat means a slope near 0.
+not counted (arena and allocator warm-up). Reports RSS after warm-up, at the end, the max, the slope of a
+least-squares line through the samples (MB per 1k calls), and the growth over the second half of the run: bounded
+allocator high-water marks (Hugging Face tokenizers' rayon threads each grow a glibc arena) show as early growth
+with a flat second half; a leak shows as a second half that keeps growing. Run it with TOKENIZERS_PARALLELISM=false
+(what ``sfr-export serve`` sets) to see the difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -54,13 +58,17 @@ def main() -> None:
     xs = np.array([s[0] for s in samples], dtype=float)
     ys = np.array([s[1] for s in samples])
     slope = float(np.polyfit(xs, ys, 1)[0]) * 1000 if len(samples) > 2 else 0.0
+    half = ys[len(ys) // 2]
     res = {"artifact": str(a.artifact), "backend": emb.info.get("backend"), "variant": emb.info.get("variant"),
+           "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset)"),
+           "second_half_growth_mb": float(ys[-1] - half),
            "calls": a.calls, "seconds": dt, "rss_after_warmup_mb": rss0, "rss_end_mb": float(ys[-1]),
            "rss_max_mb": float(ys.max()), "growth_mb": float(ys[-1] - rss0), "slope_mb_per_1k_calls": slope,
            "samples": samples}
     print(f"{a.calls} calls in {dt:.1f}s on {res['backend']} {res['variant'] or ''}: RSS {rss0:.1f} MB after warm-up -> "
           f"{res['rss_end_mb']:.1f} MB at the end (max {res['rss_max_mb']:.1f}); growth {res['growth_mb']:+.1f} MB, "
-          f"slope {slope:+.3f} MB per 1k calls")
+          f"slope {slope:+.3f} MB per 1k calls; second half {res['second_half_growth_mb']:+.1f} MB "
+          f"(TOKENIZERS_PARALLELISM={res['tokenizers_parallelism']})")
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
 

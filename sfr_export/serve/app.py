@@ -7,6 +7,7 @@ FastAPI, uvicorn and prometheus_client come from the ``[serve]`` extra and are i
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,10 @@ def run_server(directory: Path, config: ServeConfig, options: EmbedderOptions = 
     uvicorn = require("uvicorn", purpose="the embedding server")
     from ..manifest import Manifest
 
+    # Tokenization runs under the Embedder's lock in worker threads; the tokenizers library's own rayon pool would
+    # only compete with ONNX Runtime for the same cores, and its per-thread malloc arenas raise RSS by tens of MB
+    # (measured: benchmarks/bench_memory_flat.py). An explicit user setting wins.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     manifest = Manifest.load(directory)
     embedder = Embedder.from_artifact(directory, backend=options.backend, variant=options.variant,
                                       verify=options.verify, truncation=config.truncation,
