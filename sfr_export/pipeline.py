@@ -60,6 +60,16 @@ def build(root: Path, model: ResolvedModel, config: BuildConfig,
 
 
 def stage_summary(rec: StageRecord) -> dict[str, Any]:
-    val = rec.figures.get("validation", {})
-    return {"stage": rec.name, "status": rec.status, "artifacts": [a.path for a in rec.artifacts],
-            "min_cosine": val.get("min_cosine"), "seconds": rec.figures.get("export_seconds")}
+    """The headline of a stage record for the CLI: status, reason, artifacts and its key fidelity figure."""
+    out: dict[str, Any] = {"stage": rec.name, "status": rec.status}
+    if rec.reason:
+        out["reason"] = rec.reason
+    out["artifacts"] = [a.path for a in rec.artifacts]
+    fig = rec.figures
+    if "validation" in fig:  # export: ONNX vs PyTorch right after export
+        out["min_cosine_vs_torch"] = fig["validation"].get("min_cosine")
+    if "fidelity" in fig:  # calibrate: ORT int8 vs torch fp32 at build time
+        out["fidelity"] = {k: fig["fidelity"].get(k) for k in ("cos_mean", "cos_p1", "spearman_delta", "met")}
+    if "gate" in fig:  # verify
+        out["gate"] = fig["gate"]
+    return out
