@@ -51,7 +51,7 @@ def score(model_ref: str, sts, ret, args: argparse.Namespace) -> dict[str, float
     t0 = time.time()
     emb = load_teacher(model_ref, max_length=args.max_length, batch_size=16)
     out = {"sts_spearman": sts_spearman(emb, *sts, task="STSBenchmark"),
-           "legal_ndcg@10": retrieval_ndcg(emb, *ret, task="LegalSummarization", k=10)}
+           "legal_ndcg@10": retrieval_ndcg(emb, *ret, task="LegalSummarization")}
     emb.close()
     out["eval_seconds"] = round(time.time() - t0, 1)
     log.info("%s: %s", model_ref, out)

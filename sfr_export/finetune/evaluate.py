@@ -1,9 +1,8 @@
-"""Small evaluators (STS Spearman, retrieval nDCG@k) over any ``Embedder``, as MTEB computes them.
+"""STS Spearman and retrieval nDCG@10 of any ``Embedder``, through the shared evaluators of ``sfr_export.eval``.
 
-Written for the fine-tuning proof and meant to be shared: they take an Embedder and plain lists, nothing else.
-STS: Spearman correlation between cosine similarity and the gold score (MTEB's main STS score), both sentences
-embedded with the task's instruction. Retrieval: nDCG@k with graded relevance (gain = grade, log2 discount, as
-``pytrec_eval``'s ``ndcg_cut``), queries with the instruction, documents plain.
+Thin adapters for the fine-tuning proof: they embed plain lists with the task's prompts (STS: both sentences with
+the instruction; retrieval: queries with it, documents plain) and hand the embeddings to ``sfr_export.eval``'s
+``evaluate_sts`` / ``evaluate_retrieval`` (MTEB's protocol). Scores are returned as fractions (0-1), not points.
 """
 
 from __future__ import annotations
@@ -12,36 +11,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import UserInputError
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties given their average rank (scipy.stats.rankdata's default)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
-        raise UserInputError("spearman needs two 1-d sequences of the same length >= 2")
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
 
 
 def load_sts_csv(path: Path) -> tuple[list[str], list[str], list[float]]:
@@ -55,37 +25,28 @@ def load_sts_csv(path: Path) -> tuple[list[str], list[str], list[float]]:
 
 
 def sts_spearman(embedder, s1: Sequence[str], s2: Sequence[str], gold: Sequence[float], *, task: str) -> float:
-    a = embedder.encode(list(s1), prompt=task)
-    b = embedder.encode(list(s2), prompt=task)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return spearman((a * b).sum(axis=1), gold)
+    from ..eval.sts import evaluate_sts
+    from ..eval.tasks import StsTask
 
-
-def ndcg_at_k(scores: np.ndarray, relevance: Sequence[Mapping[int, int]], k: int = 10) -> float:
-    """Mean nDCG@k. ``scores`` [queries, docs]; ``relevance[i]`` maps doc column -> grade (> 0) for query i."""
-    if scores.shape[0] != len(relevance):
-        raise UserInputError("one relevance mapping per query row is needed")
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    vals = []
-    for row, rel in zip(scores, relevance):
-        top = np.argsort(-row, kind="stable")[:k]
-        dcg = sum(rel.get(int(d), 0) * discounts[r] for r, d in enumerate(top))
-        ideal = sorted(rel.values(), reverse=True)[:k]
-        idcg = sum(g * discounts[r] for r, g in enumerate(ideal))
-        vals.append(dcg / idcg if idcg > 0 else 0.0)
-    return float(np.mean(vals))
+    if not (len(s1) == len(s2) == len(gold)) or len(gold) < 2:
+        raise UserInputError("STS evaluation needs >= 2 pairs with one gold score each")
+    t = StsTask(name=task, sentences1=tuple(s1), sentences2=tuple(s2), scores=tuple(gold))
+    emb = {"sentences1": embedder.encode(list(s1), prompt=task), "sentences2": embedder.encode(list(s2), prompt=task)}
+    return evaluate_sts(t, emb).main / 100.0
 
 
 def retrieval_ndcg(embedder, corpus: Mapping[str, str], queries: Mapping[str, str],
-                   qrels: Mapping[str, Mapping[str, int]], *, task: str, k: int = 10) -> float:
-    doc_ids = [d for d, t in corpus.items() if t]
-    col = {d: j for j, d in enumerate(doc_ids)}
-    q_ids = [q for q in queries if q in qrels]
-    if not q_ids:
-        raise UserInputError("no query has relevance judgements")
-    d_emb = embedder.encode_documents([corpus[d] for d in doc_ids], task=task)
-    q_emb = embedder.encode_queries([queries[q] for q in q_ids], task=task)
-    scores = q_emb @ d_emb.T
-    rel = [{col[d]: g for d, g in qrels[q].items() if d in col and g > 0} for q in q_ids]
-    return ndcg_at_k(scores, rel, k)
+                   qrels: Mapping[str, Mapping[str, int]], *, task: str) -> float:
+    """nDCG@10 over the queries that have judgements."""
+    from ..eval.retrieval import evaluate_retrieval
+    from ..eval.tasks import RetrievalTask
+
+    doc_ids = tuple(d for d, t in corpus.items() if t)
+    q_ids = tuple(q for q in queries if q in qrels)
+    if not q_ids or not doc_ids:
+        raise UserInputError("retrieval evaluation needs documents and at least one judged query")
+    t = RetrievalTask(name=task, corpus_ids=doc_ids, corpus_texts=tuple(corpus[d] for d in doc_ids), query_ids=q_ids,
+                      query_texts=tuple(queries[q] for q in q_ids), qrels={q: dict(qrels[q]) for q in q_ids})
+    emb = {"queries": embedder.encode_queries(list(t.query_texts), task=task),
+           "corpus": embedder.encode_documents(list(t.corpus_texts), task=task)}
+    return evaluate_retrieval(t, emb).main / 100.0

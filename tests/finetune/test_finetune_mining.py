@@ -101,3 +101,16 @@ def test_other_types_pass_through_and_bad_corpus(teacher):
     assert mined[0] == ex[0] and "C" not in report.mined
     with pytest.raises(TrainingError, match="not in the data"):
         mine_hard_negatives(ex, teacher, MiningConfig(), corpora={"Nope": ["x"]})
+
+
+def test_shared_evaluators_through_an_embedder(teacher):
+    from sfr_export.finetune.evaluate import retrieval_ndcg, sts_spearman
+
+    s1 = ["virus cell protein", "bank card refund", "court law contract", "guitar horse river", "tax loan bank"]
+    s2 = ["virus cell protein", "bank card loan", "river horse", "vaccine", "court"]
+    gold = [5.0, 3.5, 0.5, 1.0, 0.0]
+    assert sts_spearman(teacher, s1, s2, gold, task="STSBenchmark") > 0.6
+    corpus = {f"d{i}": t for i, t in enumerate(s1)}
+    queries = {f"q{i}": t for i, t in enumerate(s1)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(len(s1))}
+    assert retrieval_ndcg(teacher, corpus, queries, qrels, task="LegalSummarization") > 0.8
