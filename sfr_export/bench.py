@@ -38,11 +38,14 @@ class BenchConfig:
     max_iters: int = 50  # ... and at most this many
     warmup: int = 1
     timeout_s: float = 3600.0  # per candidate subprocess
+    threads: int | None = None  # intra-op threads for torch and ONNX Runtime (None: each library's default)
     candidates: tuple[str, ...] = ()  # e.g. ("torch:fp32", "onnxruntime:int8"); empty = everything present
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes) < 1 or min(self.seq_lens) < 2:
             raise UserInputError("batch sizes must be >= 1 and sequence lengths >= 2")
+        if self.threads is not None and self.threads < 1:
+            raise UserInputError(f"threads must be >= 1, got {self.threads}")
         if self.min_iters < 1 or self.max_iters < self.min_iters or self.cell_seconds <= 0:
             raise UserInputError("need 1 <= min_iters <= max_iters and cell_seconds > 0")
 
@@ -118,8 +121,13 @@ def run_candidate(root: Path, cand: Candidate, cfg: BenchConfig) -> dict[str, An
     """Load one candidate and time the (batch, seq) grid. Runs inside the worker subprocess."""
     from .runtime import Embedder
 
+    if cfg.threads and cand.backend == "torch":
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    emb = Embedder.from_artifact(root, backend=cand.backend, variant=None if cand.backend == "torch" else cand.variant)
+    emb = Embedder.from_artifact(root, backend=cand.backend, variant=None if cand.backend == "torch" else cand.variant,
+                                 intra_op_threads=cfg.threads if cand.backend == "onnxruntime" else None)
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
     cells = []

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         cell_seconds: float = typer.Option(2.0, help="Time spent measuring each batch/seq cell."),
         min_iters: int = typer.Option(3, help="Timed calls per cell, at least."),
         max_iters: int = typer.Option(50, help="Timed calls per cell, at most."),
+        threads: Optional[int] = typer.Option(None, help="Intra-op threads for torch and ONNX Runtime (default: theirs)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON path (default DIR/bench/bench.json)."),
         plot: bool = typer.Option(True, help="Also write a PNG plot beside the JSON."),
     ) -> None:
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = BenchConfig(batch_sizes=tuple(int(x) for x in parse_csv(batch_sizes, name="--batch-sizes")),
                           seq_lens=tuple(int(x) for x in parse_csv(seq_lens, name="--seq-lens")),
-                          cell_seconds=cell_seconds, min_iters=min_iters, max_iters=max_iters,
+                          cell_seconds=cell_seconds, min_iters=min_iters, max_iters=max_iters, threads=threads,
                           candidates=tuple(parse_csv(candidates, name="--candidates")) if candidates else ())
         json_path = output or directory / "bench" / "bench.json"
         report = run_bench(directory, cfg, on_progress=lambda msg: console.print(f"[dim]bench[/] {msg}"))

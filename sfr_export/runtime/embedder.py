@@ -93,7 +93,8 @@ class Embedder:
                       verify: bool = True, providers: Sequence[Any] | None = None, allow_fallback: bool = False,
                       truncation: str | Truncation = Truncation.TRUNCATE, batch_size: int = 32,
                       max_batch_tokens: int | None = None, torch_dtype: str | None = None,
-                      device: str = "cpu", session_config: dict[str, str] | None = None) -> "Embedder":
+                      device: str = "cpu", session_config: dict[str, str] | None = None,
+                      intra_op_threads: int | None = None) -> "Embedder":
         """Open an output dir. ``backend="auto"`` picks TensorRT when an engine and TensorRT are present, else
         ONNX Runtime (CUDA provider when installed, else CPU), else torch; ``info["why"]`` says why.
         ``verify`` checks the sha256 of what is loaded against the manifest. ``session_config`` adds ONNX Runtime
@@ -106,7 +107,8 @@ class Embedder:
         tok = TextTokenizer.from_dir(root / TOKENIZER_DIR, spec, truncation=Truncation.parse(truncation))
         runner, info = cls._make_runner(root, manifest, spec, backend=backend, variant=variant, verify=verify,
                                         providers=providers, allow_fallback=allow_fallback, torch_dtype=torch_dtype,
-                                        device=device, session_config=session_config)
+                                        device=device, session_config=session_config,
+                                        intra_op_threads=intra_op_threads)
         info["verified"] = verify
         log.info("Embedder on %s: backend=%s (%s)", root, info["backend"],
                  ", ".join(f"{k}={v}" for k, v in info.items() if k != "backend"))
@@ -115,7 +117,8 @@ class Embedder:
     @staticmethod
     def _make_runner(root: Path, manifest: Manifest, spec: ModelSpec, *, backend: str, variant: str | None,
                      verify: bool, providers: Sequence[Any] | None, allow_fallback: bool, torch_dtype: str | None,
-                     device: str, session_config: dict[str, str] | None = None) -> tuple[Runner, dict[str, Any]]:
+                     device: str, session_config: dict[str, str] | None = None,
+                     intra_op_threads: int | None = None) -> tuple[Runner, dict[str, Any]]:
         variants = onnx_variants(manifest)
         if backend == "auto":
             backend, why = _choose_backend(manifest, variants, variant)
@@ -154,7 +157,8 @@ class Embedder:
             raise ArtifactError(f"{root} lost stage '{stage}' while loading")
         session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(session_config or {})}
         runner = OrtRunner(manifest.artifact_path(stage, "onnx"), providers=providers,
-                           session_config=session_config, allow_fallback=allow_fallback)
+                           session_config=session_config, allow_fallback=allow_fallback,
+                           intra_op_threads=intra_op_threads)
         return runner, {"backend": "onnxruntime", "variant": variant, "why": why, "stage": stage}
 
     # ---- encoding ------------------------------------------------------------------------------------------
