@@ -29,7 +29,9 @@ def build_model(out: Path, layers: int, seed: int) -> Path:
     tiny = resolve_model("demo:tiny-mistral", compute_fingerprint=False).local_dir
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(tiny, tmp, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    # tokenizer and sentence-transformers files (1_Pooling/config.json included); not the weights or the top config
+    shutil.copytree(tiny, tmp, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")
+                                                        or (Path(d) == Path(tiny) and n == "config.json")])
     cfg = MistralConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                         num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096, sliding_window=None,
                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
