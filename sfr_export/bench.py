@@ -92,7 +92,7 @@ def model_bytes(root: Path, cand: Candidate) -> int:
         return sum(p.stat().st_size for p in Path(m.model["local_dir"]).glob("*.safetensors"))
     if cand.backend == "tensorrt":
         rec = m.stage("engine")
-        return sum(a.bytes for a in rec.artifacts if a.kind.startswith("engine")) if rec else 0
+        return sum(a.bytes for a in rec.artifacts if a.kind == "engine") if rec else 0
     from .runtime.embedder import onnx_variants
 
     rec = m.stage(onnx_variants(m)[cand.variant])
