@@ -35,6 +35,12 @@ def tiny_config(train_file: Path, output: Path, **train) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="session")
+def make_tiny_config():
+    """``tiny_config`` as a fixture (test modules must not import conftest: another conftest shares the name)."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
 def tiny_run(mix_jsonl, tmp_path_factory):
     """8 optimizer steps with gradient checkpointing, a checkpoint at step 4, adapter + merged model."""
     from sfr_export.finetune.train import train

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from sfr_export.errors import TrainingError
 from sfr_export.finetune.data import read_jsonl, tasks_of
@@ -21,7 +20,6 @@ from sfr_export.models import load_backbone, load_tokenizer
 from sfr_export.models.loading import resolve_model
 from sfr_export.runtime.embedder import embedder_for_model
 
-from conftest import tiny_config
 
 TEXTS = ["A man is playing a guitar.", "Refund not showing up on my statement",
          "Instruct: Retrieve semantically similar text.\nQuery: A child rides a horse."]
@@ -49,7 +47,6 @@ def test_training_lowers_the_loss(tiny_run, mix_jsonl):
     base = resolve_model("demo:tiny-mistral", compute_fingerprint=False).local_dir
     before = _replayed_loss(base, examples, cfg)
     after = _replayed_loss(res.merged_dir, examples, cfg)
-    print("replayed loss", before, after, res.losses)
     assert after < before - 0.05, (before, after)
     assert res.examples_per_s > 0 and res.tokens_per_s > 0
 
@@ -99,8 +96,8 @@ def test_merged_model_exports_and_serves_as_teacher(tiny_run, tmp_path):
     assert all(e.positive not in e.negatives and len(e.negatives) <= 3 for e in mined)
 
 
-def test_resume_continues_exactly(mix_jsonl, tmp_path):
-    cfg = tiny_config(mix_jsonl, tmp_path / "run", steps=4, save_every=2, gradient_checkpointing=False, merge=False)
+def test_resume_continues_exactly(mix_jsonl, tmp_path, make_tiny_config):
+    cfg = make_tiny_config(mix_jsonl, tmp_path / "run", steps=4, save_every=2, gradient_checkpointing=False, merge=False)
     first = train(cfg)
     assert first.resumed_from is None
     # simulate a crash after the step-2 checkpoint: drop what came later
@@ -111,7 +108,7 @@ def test_resume_continues_exactly(mix_jsonl, tmp_path):
     assert second.losses == pytest.approx(first.losses[2:], rel=1e-4, abs=1e-5)
 
 
-def test_resume_refuses_another_models_checkpoint(tiny_run, tmp_path, mix_jsonl):
+def test_resume_refuses_another_models_checkpoint(tiny_run, tmp_path, mix_jsonl, make_tiny_config):
     cfg, res = tiny_run
     other = tmp_path / "other-model"
     shutil.copytree(resolve_model("demo:tiny-mistral", compute_fingerprint=False).local_dir, other)
@@ -119,16 +116,16 @@ def test_resume_refuses_another_models_checkpoint(tiny_run, tmp_path, mix_jsonl)
     conf["rms_norm_eps"] = 2e-5  # another model: same shapes, different config -> different fingerprint
     (other / "config.json").write_text(json.dumps(conf))
     before = sorted(p.name for p in (res.output / "checkpoints").iterdir())
-    bad = tiny_config(mix_jsonl, res.output)
+    bad = make_tiny_config(mix_jsonl, res.output)
     bad = type(bad).from_dict({**bad.to_dict(), "model": {"base": str(other)}})
     with pytest.raises(TrainingError, match="another model"):
         train(bad)
     assert sorted(p.name for p in (res.output / "checkpoints").iterdir()) == before  # nothing lost
 
 
-def test_bad_inputs_fail_before_any_work(mix_jsonl, tmp_path):
+def test_bad_inputs_fail_before_any_work(mix_jsonl, tmp_path, make_tiny_config):
     out = tmp_path / "never"
-    too_big = tiny_config(mix_jsonl, out)
+    too_big = make_tiny_config(mix_jsonl, out)
     too_big = type(too_big).from_dict({**too_big.to_dict(), "sampler": {"batch_size": 64}})
     with pytest.raises(TrainingError, match="larger than task"):
         train(too_big)
@@ -142,4 +139,3 @@ def test_bad_inputs_fail_before_any_work(mix_jsonl, tmp_path):
     with pytest.raises(TrainingError, match=r"bad\.jsonl:2: malformed JSON"):
         train(broken)
     assert not out.exists()
-    torch.manual_seed(0)
