@@ -15,6 +15,7 @@ Everything runs while holding ``/tmp/sfr-heavy.lock`` (about 6 GB: the fp32 torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for both backends")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/sfr-heavy.lock (the caller holds it)")
     args = ap.parse_args()
 
     import numpy as np
@@ -53,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sfr-bench-speed-", dir=args.workdir))
     try:
-        with heavy_lock():
+        with contextlib.nullcontext() if args.no_lock else heavy_lock():
             print(f"building a {args.layers}-layer Mistral-7B-shaped checkpoint…", flush=True)
             model_dir = make_wide_mistral(work / "model", args.layers)
             model = resolve_model(str(model_dir), compute_fingerprint=False)

@@ -370,7 +370,8 @@ def stream_weights(model: Any, plans: list[WeightPlan], index: SafetensorsIndex,
         for i, plan in enumerate(plans):
             t = _load(plan, index, buffers)
             if tuple(t.shape) != plan.shape:  # guards the write itself
-                raise ExportValidationError(f"{plan.onnx_name}: prepared tensor has shape {tuple(t.shape)}, expected {plan.shape}")
+                raise ExportValidationError(f"{plan.onnx_name}: prepared tensor has shape {tuple(t.shape)}, "
+                                            f"expected {plan.shape}")
             raw = t.view(-1).view(torch.uint8).numpy()
             align = ALIGNMENT if raw.nbytes >= 1 << 20 else SMALL_ALIGNMENT
             pad = (-offset) % align
@@ -379,9 +380,9 @@ def stream_weights(model: Any, plans: list[WeightPlan], index: SafetensorsIndex,
                 offset += pad
             fh.write(memoryview(raw))
             value = graph.initializers[plan.onnx_name]
-            value.const_value = ir.ExternalTensor(data_path.name, offset, raw.nbytes, getattr(ir.DataType, _IR_DTYPES[plan.dtype]),
-                                                  shape=ir.Shape(plan.shape), name=plan.onnx_name,
-                                                  base_dir=data_path.parent)
+            dtype = getattr(ir.DataType, _IR_DTYPES[plan.dtype])
+            value.const_value = ir.ExternalTensor(data_path.name, offset, raw.nbytes, dtype, shape=ir.Shape(plan.shape),
+                                                  name=plan.onnx_name, base_dir=data_path.parent)
             offset += raw.nbytes
             del t, raw
             if (i + 1) % 32 == 0 or i + 1 == len(plans):
