@@ -6,8 +6,7 @@ tokenizer) with 2 and 4 layers, exports each in fp32 and fp16 through both paths
 stage, whose worker runs in its own subprocess and reports ``worker_peak_rss_mb``), prints a table and extrapolates
 peak RSS linearly in the layer count to 32 layers (Mistral-7B).
 
-Each export runs as ``flock /tmp/sfr-heavy.lock python bench_export_memory.py --one …``: a fresh process that calls
-the export stage, whose worker subprocess does the export. Peak RSS: the low-memory path records its own peak
+Each export runs as ``python bench_export_memory.py --one …``: a fresh process that calls the export stage, whose worker subprocess does the export. Peak RSS: the low-memory path records its own peak
 (``export_peak_rss_mb``, from VmHWM, before any validation); the normal path's figure is the worker's
 ``worker_peak_rss_mb`` (ru_maxrss). On Linux ru_maxrss survives exec, so a worker reports at least the peak of the
 process that spawned it; that floor (the ``--one`` process's own VmHWM when it starts the export, a few hundred MB)
@@ -19,7 +18,8 @@ the figure the low-memory path records before validation (``export_peak_rss_mb``
 validation is shown beside it. The 4-layer fp32 low-memory export is not validated by default
 (``--validate-max-gb``): the fp32 torch reference and the ORT session would each hold another 4 GB.
 
-Every heavy step holds ``/tmp/sfr-heavy.lock``.
+The whole run holds ``/tmp/sfr-heavy.lock`` (flock(2), the lock of ``flock /tmp/sfr-heavy.lock CMD``), taken once
+so that other heavy jobs do not interleave with (and slow down) the series; ``--no-lock`` when the caller holds it.
 
     python benchmarks/bench_export_memory.py                  # 2 and 4 layers, fp32 + fp16, both paths
     python benchmarks/bench_export_memory.py --layers 2 --paths lowmem --precisions fp16
@@ -164,10 +164,10 @@ def one_export(model_dir: Path, out_dir: Path, precision: str, path: str, valida
 
 
 def run_one(model_dir: Path, out_dir: Path, layers: int, precision: str, path: str, validate: bool) -> Run:
-    """One export in its own process, under ``flock /tmp/sfr-heavy.lock``."""
+    """One export in its own process (the caller holds the heavy lock)."""
     job = json.dumps({"model_dir": str(model_dir), "out_dir": str(out_dir), "precision": precision, "path": path,
                       "validate": validate})
-    cmd = ["flock", str(LOCK), sys.executable, str(Path(__file__).resolve()), "--one", job]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", job]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--target-layers", type=int, default=32)
     ap.add_argument("--json", type=Path, default=None, help="also write the runs as JSON here")
+    ap.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} (the caller holds it)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one export (JSON job)
     ap.add_argument("--build", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: DIR LAYERS SHARDS_FROM|-
     args = ap.parse_args()
@@ -228,6 +229,12 @@ def main() -> None:
         make_wide_mistral(Path(d), int(n), shards_from=None if src == "-" else Path(src))
         return
 
+    with contextlib.nullcontext() if args.no_lock else heavy_lock():
+        runs = run_all(args)
+    report(runs, args)
+
+
+def run_all(args: argparse.Namespace) -> list[Run]:
     work = Path(tempfile.mkdtemp(prefix="sfr-bench-mem-", dir=args.workdir))
     runs: list[Run] = []
     try:
@@ -235,8 +242,8 @@ def main() -> None:
         for layers in sorted(args.layers, reverse=True):  # build the biggest first, hard-link its shards for the others
             print(f"building a {layers}-layer Mistral-7B-shaped checkpoint (random fp16 weights)…", flush=True)
             d = work / f"mistral-{layers}l"
-            subprocess.run(["flock", str(LOCK), sys.executable, str(Path(__file__).resolve()), "--build", str(d),
-                            str(layers), str(biggest or "-")], check=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--build", str(d), str(layers),
+                            str(biggest or "-")], check=True)
             biggest = biggest or d
         for layers in sorted(args.layers):
             for prec in args.precisions:
@@ -251,7 +258,10 @@ def main() -> None:
                           flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return runs
 
+
+def report(runs: list[Run], args: argparse.Namespace) -> None:
     print()
     print("| layers | precision | path | weights (MiB) | export peak RSS (MiB) | peak - weights (MiB) | graph-only peak (MiB) | "
           "worker peak incl. validation (MiB) | validation min cos | seconds |")
