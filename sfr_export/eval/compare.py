@@ -208,8 +208,9 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     # ---- reference pass ----
     mkey = model_key(str(manifest.model.get("fingerprint")), spec.to_dict(), ref_choice.describe())
     share = None
-    if settings.time_budget_s is not None:
-        share = settings.time_budget_s / (1 + len(names))
+    if settings.time_budget_s is not None:  # the reference's share: it and each runnable candidate cost about alike
+        runnable = sum(not isinstance(resolve_backend(manifest, n), str) for n in names)
+        share = settings.time_budget_s / (1 + runnable)
     ref_emb: list[np.ndarray] = []
     dropped: list[tuple[str, str]] = []
     reference: Embedder | None = None
@@ -239,7 +240,7 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     ref_scores = {ti.entry.name: score(ti.task, ti.groups(e), clustering=ti.entry.clustering)
                   for ti, e in zip(kept, ref_emb)}
     ref_info = {**ref_choice.describe(), "seconds": t_ref, "cache": cache.describe(),
-                "inputs": int(sum(len(ti.ids) for ti in kept))}
+                "inputs": int(sum(len(ti.ids) for ti in kept)), "anisotropy": anisotropy(ref_emb)}
     result = Comparison(suite=suite, data_dir=ddir, tasks=kept, dropped=dropped, reference=ref_info,
                         reference_scores=ref_scores)
 
@@ -300,6 +301,18 @@ def _run_candidate(root: Path, manifest: Manifest, name: str, tasks: list[TaskIn
                        "worst": [{"cosine": c, "task": t, "side": s, "text": x[:300]}
                                  for c, t, s, x in worst[: settings.worst_k]]},
             "task_cosine": task_cos, "tasks": task_rows}
+
+
+def anisotropy(embs: list[np.ndarray], pairs: int = 4000, seed: int = 0) -> float | None:
+    """Mean cosine between the reference embeddings of random *different* inputs: the baseline that says how
+    much a cosine-to-reference figure means (decoder embedders are anisotropic: unrelated texts often sit at 0.5+)."""
+    x = np.concatenate(embs).astype(np.float64) if embs else np.zeros((0, 1))
+    if len(x) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(x), pairs)
+    j = (i + rng.integers(1, len(x), pairs)) % len(x)
+    return float(cosine_rows(x[i], x[j]).mean())
 
 
 def histogram(cos: np.ndarray, bins: int = 20) -> dict[str, list[float]]:

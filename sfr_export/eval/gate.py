@@ -86,7 +86,7 @@ def precision_of(name: str) -> str:
     n = name.lower()
     if "int8" in n or "fp8" in n or "int4" in n:
         return "int8"
-    if "fp16" in n or "bf16" in n or "half" in n:
+    if "16" in n or "half" in n:  # fp16, bf16, float16, bfloat16
         return "fp16"
     return "fp32"
 

@@ -8,7 +8,8 @@ report.json, schema_version 1::
     created          ISO-8601 UTC time
     artifact         {dir, model_id, fingerprint}
     suite            {name, data_dir, tasks: [{name, type, size, inputs, truncated}], dropped: [{task, reason}]}
-    reference        {name, backend, variant, precision, seconds, inputs, cache: {enabled, dir, hits, misses}}
+    reference        {name, backend, variant, precision, seconds, inputs, anisotropy, cache: {enabled, dir, hits, misses}}
+                     anisotropy: mean reference cosine between random different inputs (what "unrelated" scores)
     reference_scores {task: {main_metric, main, metrics}}            scores are points (x100)
     candidates       [{name, backend, variant, precision, status: evaluated|skipped, reason, seconds,
                        thresholds, passed, failures: [str],
@@ -58,7 +59,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "suite": {"type": "object", "required": ["name", "data_dir", "tasks", "dropped"],
                   "properties": {"tasks": {"type": "array", "minItems": 1, "items": {
                       "type": "object", "required": ["name", "type", "size", "inputs"]}}}},
-        "reference": {"type": "object", "required": ["name", "backend", "seconds", "cache"]},
+        "reference": {"type": "object", "required": ["name", "backend", "seconds", "cache", "anisotropy"]},
         "reference_scores": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["main_metric", "main", "metrics"]}},
         "candidates": {"type": "array", "items": {
@@ -136,7 +137,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"> {g['reason']}", ""]
     cache = ref["cache"]
     lines += [f"Reference: **{ref['name']}** ({ref['backend']}), {ref['inputs']} inputs, {_f(ref['seconds'], 1)} s "
-              f"(cache {cache['hits']} hit / {cache['misses']} miss). Total {_f(report['timing']['total_seconds'], 1)} s.",
+              f"(cache {cache['hits']} hit / {cache['misses']} miss). Total {_f(report['timing']['total_seconds'], 1)} s. "
+              f"Anisotropy baseline (reference cosine of unrelated inputs): "
+              f"{'n/a' if ref['anisotropy'] is None else _f(ref['anisotropy'], 3)}.",
               ""]
     lines += ["| candidate | status | mean cos | p1 cos | min cos | worst |Δ| (task) | seconds |",
               "|---|---|---|---|---|---|---|"]

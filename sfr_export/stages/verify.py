@@ -28,7 +28,7 @@ from ..manifest import ArtifactRecord, Manifest, StageRecord, atomic_write_text
 log = logging.getLogger(__name__)
 
 REPORT_SUBDIR = Path("reports") / "verify"
-BUILD_TIME_BUDGET_S = 240.0
+BUILD_TIME_BUDGET_S = 300.0
 VERIFY_CONFIG_ENV = "SFR_EXPORT_VERIFY_CONFIG"
 
 

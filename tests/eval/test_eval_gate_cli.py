@@ -14,7 +14,13 @@ from sfr_export.manifest import Manifest
 from eval_clirun import CliResult, run_cli
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def ref_cache_dir(tmp_path_factory) -> Path:
+    """A cache of this module's own, so the first run below starts cold whatever ran before in the session."""
+    return tmp_path_factory.mktemp("gate-refcache")
+
+
+@pytest.fixture(scope="module")
 def failing_run(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path, tmp_path_factory) -> tuple[CliResult, Path]:
     out = tmp_path_factory.mktemp("fail")
     res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,noisy,tensorrt,int8",
@@ -22,7 +28,7 @@ def failing_run(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path, tmp_
     return res, out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def passing_run(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path, failing_run) -> tuple[CliResult, Path]:
     # runs after failing_run: same reference cache, so the reference side comes from the cache
     res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,tensorrt",
