@@ -63,7 +63,9 @@ def print_json(data: object) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit codes instead of raising here
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except SfrExportError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
