@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,44 +31,47 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("SFR_EXPORT_DATA_DIR", REPO.parent / "shared" / "data"))
 PEER_VENV = REPO / ".venv-peer-st"
-PEER_PINS = ["sentence-transformers==5.7.0", "transformers==4.57.6", "optimum-onnx", "tokenizers>=0.22,<0.23"]
+PEER_PINS = ["sentence-transformers==5.7.0", "transformers==4.57.6", "optimum-onnx", "tokenizers>=0.22,<0.23",
+             "datasets<5"]  # the main venv's datasets 5 needs huggingface-hub >= 1.31; transformers 4.57 pins < 1
 
 
 def stsb_test() -> tuple[list[str], list[str], np.ndarray]:
-    with open(DATA / "STSBenchmark" / "stsb-en-test.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+    from sfr_export.eval.loaders import Limits, load_stsb_csv
+
+    t = load_stsb_csv(DATA / "STSBenchmark", "STSBenchmark", Limits())
+    return list(t.sentences1), list(t.sentences2), np.array(t.scores)
 
 
-def trec(n_passages: int) -> tuple[list[str], list[str]]:
-    qs = [json.loads(ln)["text"] for ln in (DATA / "TRECCOVID" / "queries.jsonl").read_text().splitlines() if ln.strip()]
-    judged = {ln.split("\t")[1] for ln in (DATA / "TRECCOVID" / "qrels" / "test.tsv").read_text().splitlines()[1:] if ln}
-    docs = [json.loads(ln) for ln in (DATA / "TRECCOVID" / "corpus.jsonl").read_text().splitlines() if ln.strip()]
-    ps = [(d["title"] + " " + d["text"]).strip() for d in docs if d["_id"] in judged][:n_passages]
-    return qs, ps
+def trec(n_passages: int) -> Any:
+    """TRECCOVID through sfr_export.eval (all 50 queries; judged passages first, then others, up to n_passages)."""
+    from sfr_export.eval.loaders import Limits, load_beir
+
+    return load_beir(DATA / "TRECCOVID", "TRECCOVID", Limits(max_corpus=n_passages))
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def sts_score(emb: np.ndarray, gold: np.ndarray) -> float:
+    """STSBenchmark main score (cosine Spearman, points) by sfr_export.eval's MTEB-protocol STS evaluator;
+    ``emb`` holds the first sentences then the second ones."""
+    from sfr_export.eval.sts import evaluate_sts
+    from sfr_export.eval.tasks import StsTask
 
-    return float(spearmanr(x, y).statistic) * 100
+    n = len(gold)
+    task = StsTask("STSBenchmark", ("",) * n, ("",) * n, tuple(float(v) for v in gold), 0.0, 5.0)
+    return evaluate_sts(task, {"sentences1": emb[:n], "sentences2": emb[n:]}).main
 
 
-def noise_floor(ref_a: np.ndarray, ref_b: np.ndarray, gold: np.ndarray, cos_mean: float, draws: int = 20) -> float:
+def noise_floor(ref: np.ndarray, gold: np.ndarray, cos_mean: float, draws: int = 20) -> float:
     """Std of ΔSpearman under isotropic noise that gives the same mean cosine to the reference."""
     if cos_mean >= 0.999999:
         return 0.0
     rng = np.random.default_rng(0)
-    base = spearman((ref_a * ref_b).sum(1), gold)
-    d = ref_a.shape[1]
+    base = sts_score(ref, gold)
+    d = ref.shape[1]
     sigma = np.sqrt(max(1.0 / cos_mean ** 2 - 1.0, 0.0) / d)  # E[cos] of x + N(0, s^2 I) for unit x
     out = []
     for _ in range(draws):
-        na = ref_a + rng.normal(0, sigma, ref_a.shape)
-        nb = ref_b + rng.normal(0, sigma, ref_b.shape)
-        na /= np.linalg.norm(na, axis=1, keepdims=True)
-        nb /= np.linalg.norm(nb, axis=1, keepdims=True)
-        out.append(spearman((na * nb).sum(1), gold) - base)
+        noisy = ref + rng.normal(0, sigma, ref.shape)
+        out.append(sts_score(noisy, gold) - base)
     return float(np.std(out))
 
 
@@ -75,25 +79,34 @@ def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
-def encode_all(emb, s1, s2, qs, ps) -> tuple[dict[str, np.ndarray], float, int]:
+def encode_all(emb, s1, s2, tr) -> tuple[dict[str, np.ndarray], float, int]:
     t = time.perf_counter()
-    out = {"s": emb.encode(s1 + s2, prompt="STSBenchmark"), "q": emb.encode_queries(qs, task="TRECCOVID"),
-           "p": emb.encode_documents(ps, task="TRECCOVID")}
+    out = {"s": emb.encode(s1 + s2, prompt="STSBenchmark"), "q": emb.encode_queries(list(tr.query_texts), task="TRECCOVID"),
+           "p": emb.encode_documents(list(tr.corpus_texts), task="TRECCOVID")}
     sec = time.perf_counter() - t
     toks = sum(len(x) for x in emb.tokenize(s1 + s2, prompt="STSBenchmark").ids)
     return out, sec, toks
 
 
-def fidelity_row(name: str, ref: dict, cand: dict, gold: np.ndarray, sec: float, ref_sec: float) -> dict:
+def ndcg10(tr, e: dict) -> float:
+    from sfr_export.eval.retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(tr, {"queries": e["q"], "corpus": e["p"]}).main
+
+
+def fidelity_row(name: str, ref: dict, cand: dict, gold: np.ndarray, sec: float, ref_sec: float, tr: Any) -> dict:
     n = len(gold)
     c = cos_rows(ref["s"], cand["s"])
-    sp_ref = spearman((ref["s"][:n] * ref["s"][n:]).sum(1), gold)
-    sp = spearman((cand["s"][:n] * cand["s"][n:]).sum(1), gold)
+    sp_ref = sts_score(ref["s"], gold)
+    sp = sts_score(cand["s"], gold)
     cq, cp = cos_rows(ref["q"], cand["q"]), cos_rows(ref["p"], cand["p"])
-    rank = spearman((ref["q"] @ ref["p"].T).ravel(), (cand["q"] @ cand["p"].T).ravel()) / 100
+    from scipy.stats import spearmanr
+
+    rank = float(spearmanr((ref["q"] @ ref["p"].T).ravel(), (cand["q"] @ cand["p"].T).ravel()).statistic)
     return {"variant": name, "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)), "cos_min": float(c.min()),
-            "spearman": sp, "d_spearman": sp - sp_ref, "noise_floor": noise_floor(ref["s"][:n], ref["s"][n:], gold, float(c.mean())),
+            "spearman": sp, "d_spearman": sp - sp_ref, "noise_floor": noise_floor(ref["s"], gold, float(c.mean())),
             "trec_query_cos": float(cq.mean()), "trec_passage_cos": float(cp.mean()), "trec_score_rank_corr": rank,
+            "trec_ndcg10": ndcg10(tr, cand), "d_trec_ndcg10": ndcg10(tr, cand) - ndcg10(tr, ref),
             "speed_vs_torch_fp32": ref_sec / sec,
             "meets": bool(c.mean() >= 0.995 and np.percentile(c, 1) >= 0.98 and abs(sp - sp_ref) <= 0.3)}
 
@@ -105,21 +118,21 @@ def cmd_fidelity(args) -> dict:
     from sfr_export.stages.export import ExportConfig, run_export
 
     s1, s2, gold = stsb_test()
-    qs, ps = trec(args.trec_passages)
+    tr = trec(args.trec_passages)
     results = {}
     for model in args.models.split(","):
         resolved = resolve_model(f"demo:{model}")
         base = Path(args.out) / model / "fp32"
         run_export(base, resolved, ExportConfig())
         with Embedder.from_artifact(base, backend="torch") as e:
-            ref, ref_sec, toks = encode_all(e, s1, s2, qs, ps)
+            ref, ref_sec, toks = encode_all(e, s1, s2, tr)
         rows = []
         with Embedder.from_artifact(base, backend="torch", torch_dtype="bfloat16") as e:
-            out, sec, _ = encode_all(e, s1, s2, qs, ps)
-        rows.append(fidelity_row("torch bf16", ref, out, gold, sec, ref_sec))
+            out, sec, _ = encode_all(e, s1, s2, tr)
+        rows.append(fidelity_row("torch bf16", ref, out, gold, sec, ref_sec, tr))
         with Embedder.from_artifact(base, variant="fp32") as e:
-            out, sec, _ = encode_all(e, s1, s2, qs, ps)
-        rows.append(fidelity_row("ORT fp32", ref, out, gold, sec, ref_sec))
+            out, sec, _ = encode_all(e, s1, s2, tr)
+        rows.append(fidelity_row("ORT fp32", ref, out, gold, sec, ref_sec, tr))
         for method in args.methods.split(","):
             for smooth in args.smoothing.split(","):
                 d = Path(args.out) / model / f"{method}-{smooth}"
@@ -131,8 +144,8 @@ def cmd_fidelity(args) -> dict:
                 for r in recs:
                     v = r.config["variant"]
                     with Embedder.from_artifact(d, variant=v) as e:
-                        out, sec, _ = encode_all(e, s1, s2, qs, ps)
-                    row = fidelity_row(f"{v} {method} smooth={smooth}", ref, out, gold, sec, ref_sec)
+                        out, sec, _ = encode_all(e, s1, s2, tr)
+                    row = fidelity_row(f"{v} {method} smooth={smooth}", ref, out, gold, sec, ref_sec, tr)
                     row.update(build_status=r.status, calibrate_seconds=cal_sec, modes=r.figures.get("mixed_precision", {}).get("modes"),
                                bytes=sum(a.bytes for a in r.artifacts))
                     rows.append(row)
@@ -164,17 +177,20 @@ def cmd_speed(args) -> dict:
     with heavy_lock():
         run_export(out, resolved, ExportConfig(validate=False))
         t = time.perf_counter()
-        recs = run_calibrate(out, CalibrateConfig(samples=32, holdout=16, smoothquant="auto"))
+        recs = run_calibrate(out, CalibrateConfig(samples=32, holdout=16, pairs=48, smoothquant="auto",
+                                                  reference_dtype=args.reference_dtype), force=True)
         cal_sec = time.perf_counter() - t
     ids = np.random.default_rng(0).integers(100, 30000, size=(8, 128)).astype(np.int64)
     mask = np.ones_like(ids)
     res = {"calibrate_seconds": cal_sec, "calibrate_worker_peak_rss_mb": recs[0].figures.get("worker_peak_rss_mb"),
+           "calibrate_peak_rss_mb_while_torch_model_held": recs[0].figures.get("peak_rss_mb_with_torch_model"),
+           "calibrate_reference_dtype": recs[0].figures.get("reference_dtype"), "params": total_params(args.layers),
            "sizes": {}, "tokens_per_s": {}, "status": {r.name: r.status for r in recs}}
     for v in ("fp32", "int8", "int8-cpu"):
         d = out / "onnx" / v
         res["sizes"][v] = sum(p.stat().st_size for p in d.iterdir())
 
-    def bench(fn, reps: int = 5) -> float:
+    def bench(fn, reps: int = 3) -> float:
         fn()
         ts = []
         for _ in range(reps):
@@ -301,7 +317,7 @@ def cmd_peer(args) -> dict:
         t = time.perf_counter()
         ref = e.encode(texts, batch_size=32)
         res["torch_fp32_seconds"] = time.perf_counter() - t
-    sp_ref = spearman((ref[:n] * ref[n:]).sum(1), gold)
+    sp_ref = sts_score(ref, gold)
     for v in ("int8", "int8-cpu"):
         with Embedder.from_artifact(root, variant=v, batch_size=32) as e:
             e.encode(texts[:64])
@@ -310,7 +326,7 @@ def cmd_peer(args) -> dict:
             sec = time.perf_counter() - t
         c = cos_rows(ref, out)
         res[f"ours {v}"] = {"seconds": sec, "speed_vs_torch": res["torch_fp32_seconds"] / sec, "cos_mean": float(c.mean()),
-                            "cos_p1": float(np.percentile(c, 1)), "d_spearman": spearman((out[:n] * out[n:]).sum(1), gold) - sp_ref}
+                            "cos_p1": float(np.percentile(c, 1)), "d_spearman": sts_score(out, gold) - sp_ref}
     proc = subprocess.run([str(py), str(script), str(resolved.local_dir), str(work), str(tp)], capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PEER ")), None)
     if line is None:
@@ -321,8 +337,24 @@ def cmd_peer(args) -> dict:
     c = cos_rows(ref, pe)
     res["peer st avx512_vnni"] = {"seconds": info["seconds"], "speed_vs_torch": res["torch_fp32_seconds"] / info["seconds"],
                                   "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)),
-                                  "d_spearman": spearman((pe[:n] * pe[n:]).sum(1), gold) - sp_ref}
+                                  "d_spearman": sts_score(pe, gold) - sp_ref}
     return res
+
+
+def render_md(what: str, res: dict) -> str:
+    if what != "fidelity":
+        return "```json\n" + json.dumps(res, indent=2, default=str) + "\n```\n"
+    lines = []
+    for model, r in res.items():
+        lines += [f"### {model} (torch fp32 reference; {r['tokens']} STSB tokens)", "",
+                  "| variant | cos mean | cos p1 | cos min | dSpearman (noise floor) | TREC q/p cos | dnDCG@10 | speed vs torch | build | modes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            lines.append(f"| {x['variant']} | {x['cos_mean']:.5f} | {x['cos_p1']:.5f} | {x['cos_min']:.5f} | "
+                         f"{x['d_spearman']:+.2f} (±{x['noise_floor']:.2f}) | {x['trec_query_cos']:.4f}/{x['trec_passage_cos']:.4f} | "
+                         f"{x['d_trec_ndcg10']:+.2f} | {x['speed_vs_torch_fp32']:.2f}x | {x.get('build_status', '')} | {x.get('modes', '')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -333,6 +365,8 @@ def main() -> None:
     ap.add_argument("--smoothing", default="auto,off")
     ap.add_argument("--trec-passages", type=int, default=300)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--reference-dtype", default="bfloat16", help="speed: torch dtype calibrate uses on the wide model "
+                    "(bfloat16 = the path `auto` takes for a 7B)")
     ap.add_argument("--out", default="/tmp/sfr-bench-int8")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -340,6 +374,7 @@ def main() -> None:
     for w in todo:
         res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "peer": cmd_peer}[w](args)
         (Path(args.out) / f"{w}.json").write_text(json.dumps(res, indent=2, default=str))
+        (Path(args.out) / f"{w}.md").write_text(render_md(w, res))
         print(f"== {w}\n" + json.dumps(res, indent=2, default=str), flush=True)
 
 

@@ -6,6 +6,10 @@ The explicit-quantization form TensorRT 11 consumes (standard ONNX ops only):
   (int8 zero point 0) on input A;
 - Q/DQ only on MatMul inputs; attention-mask and position math stay float.
 
+The CPU form (mode ``nbits8``) replaces a MatMul by ORT's ``com.microsoft.MatMulNBits`` (8-bit, symmetric, blockwise
+along K), its weight packed by onnxruntime's own ``DefaultWeightOnlyQuantizer.qbits_block_quant`` one tensor at a time
+(ORT's ``MatMulNBitsQuantizer`` loads the whole model into memory first).
+
 Weights are read one tensor at a time (memory-mapped when external) and written straight to the output's external
 data file when the model is large, so quantizing never holds a second copy of the model.
 """
@@ -27,7 +31,7 @@ from .observe import QMAX, act_scale, quantize_weight
 log = logging.getLogger(__name__)
 
 EXTERNAL_THRESHOLD = 1_800_000_000
-MODES = ("w8a8", "w8", "float")
+MODES = ("w8a8", "w8", "float", "nbits8")
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,19 @@ def norm_mul_for(model: Any, activation: str, channels: int) -> tuple[Any, int] 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuantPlan:
-    modes: dict[str, str]  # torch linear name -> w8a8 | w8 | float
+    modes: dict[str, str]  # torch linear name -> w8a8 | w8 | float | nbits8
     act_thresholds: dict[str, float]  # torch linear name -> activation abs threshold (for w8a8)
+    nbits_block_size: int = 32  # nbits8: weight block along K
+    nbits_accuracy_level: int = 4  # nbits8: 4 = int8 compute (activations quantized blockwise at run time)
+
+
+def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blockwise packing of a [K, N] weight for ``MatMulNBits`` (onnxruntime's own C++ packer)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    qz = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8))
+    packed, scales, _zp = qz.qbits_block_quant(np.ascontiguousarray(w_kn, dtype=np.float32))
+    return packed, np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
 
 
 def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInfo], plan: QuantPlan,
@@ -185,6 +200,7 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     pre_nodes: list[Any] = []
     act_qdq: dict[str, str] = {}
     counts = {m: 0 for m in MODES}
+    nbits_nodes: dict[str, tuple[int, int, str, str]] = {}
     try:
         for name, info in mapping.items():
             mode = plan.modes.get(name, "float")
@@ -192,7 +208,12 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                 raise CalibrationError(f"unknown quantization mode {mode!r} for {name}")
             counts[mode] += 1
             w_t = np.asarray(weight_of(name), dtype=np.float32).T  # [in, out]
-            if mode == "float":
+            if mode == "nbits8":
+                packed, sc = pack_nbits8(w_t, plan.nbits_block_size)
+                new_inits += [writer.make(f"{info.weight}_nb8", packed), writer.make(f"{info.weight}_nb8_scales", sc)]
+                nbits_nodes[info.node] = (int(w_t.shape[0]), int(w_t.shape[1]), f"{info.weight}_nb8", f"{info.weight}_nb8_scales")
+                replaced[info.weight] = f"{info.weight}_nb8"
+            elif mode == "float":
                 new_inits.append(writer.make(f"{info.weight}_sfr", w_t))
                 replaced[info.weight] = f"{info.weight}_sfr"
             else:
@@ -230,12 +251,19 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                     nodes.append(helper.make_node("DequantizeLinear", [f"{base_name}_q", f"{base_name}_scale", f"{base_name}_zp"], [f"{base_name}_dq"], name=f"{base_name}_DQ"))
                     act_qdq[a] = f"{base_name}_dq"
                 n.input[0] = act_qdq[a]
+            if n.name in nbits_nodes:
+                k_in, n_out, b_name, s_name = nbits_nodes[n.name]
+                n = helper.make_node("MatMulNBits", [n.input[0], b_name, s_name], list(n.output), name=f"{n.name}_Q8",
+                                     domain="com.microsoft", K=k_in, N=n_out, bits=8, block_size=plan.nbits_block_size,
+                                     accuracy_level=plan.nbits_accuracy_level)
             for k, i in enumerate(n.input):
                 if i in replaced:
                     n.input[k] = replaced[i]
             nodes.append(n)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+        if nbits_nodes and not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         keep = [t for t in model.graph.initializer if t.name not in replaced]
         used = {i for n in model.graph.node for i in n.input}
         keep = [t for t in keep if t.name in used]
@@ -256,7 +284,8 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     if not writer.external:
         os.unlink(out_path.parent / writer.data_name) if (out_path.parent / writer.data_name).exists() else None
     onnx.save(model, str(out_path))
-    onnx.checker.check_model(str(out_path))
+    if not nbits_nodes:  # the checker does not know the com.microsoft contrib ops
+        onnx.checker.check_model(str(out_path))
     return {"matmuls": counts, "external_data": writer.external, "activation_qdq_pairs": len(act_qdq)}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,15 @@ class Targets:
     cos_p1: float = 0.98
     spearman_delta: float = 0.3  # |Δ Spearman| in points (x100)
     max_float_fraction: float = 0.25
+    # W8A8 is added only while the held-out fidelity keeps this share of the cosine error budget in reserve: the search
+    # runs on a few dozen texts, and a choice made right at the edge misses the target on other texts (measured on
+    # MiniLM: 29 W8A8 MatMuls at held-out cos 0.9955 gave 0.99495 on STSBenchmark test).
+    w8a8_margin: float = 0.5
+
+    def with_margin(self) -> "Targets":
+        """The stricter targets the W8A8 search accepts (cosine error budgets scaled by ``1 - w8a8_margin``)."""
+        keep = 1.0 - self.w8a8_margin
+        return replace(self, cos_mean=1.0 - (1.0 - self.cos_mean) * keep, cos_p1=1.0 - (1.0 - self.cos_p1) * keep)
 
     def met(self, f: "Fidelity") -> bool:
         ok = f.cos_mean >= self.cos_mean and f.cos_p1 >= self.cos_p1
@@ -197,9 +206,12 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
     say = progress or (lambda _m: None)
     history: list[dict[str, Any]] = []
 
-    def run(modes: dict[str, str], label: str, pairs: bool = True) -> Fidelity:
+    strict_targets = targets.with_margin()
+
+    def run(modes: dict[str, str], label: str, pairs: bool = True, goal: Targets = targets) -> Fidelity:
         f = evaluate(model, modes, thresholds, pairs=pairs)
-        history.append({"config": label, **f.to_dict(), "met": targets.met(f)})
+        history.append({"config": label, **f.to_dict(), "met": goal.met(f),
+                        "goal": {"cos_mean": round(goal.cos_mean, 6), "cos_p1": round(goal.cos_p1, 6)}})
         say(f"{label}: cos {f.cos_mean:.5f} p1 {f.cos_p1:.5f} dSp {f.spearman_delta if f.spearman_delta is None else round(f.spearman_delta, 2)}")
         return f
 
@@ -236,14 +248,14 @@ def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float],
             lo, hi = 0, len(order) + 1  # largest k meeting the cosine target
             while hi - lo > max(1, len(order) // 32):
                 mid = (lo + hi) // 2
-                if targets.met(run(config(mid), f"w8a8 x{mid} (cosine only)", pairs=False)):
+                if strict_targets.met(run(config(mid), f"w8a8 x{mid} (cosine only)", pairs=False, goal=strict_targets)):
                     lo = mid
                 else:
                     hi = mid
             k = lo
             while k > 0:
-                f = run(config(k), f"w8a8 x{k}")
-                if targets.met(f):
+                f = run(config(k), f"w8a8 x{k}", goal=strict_targets)
+                if strict_targets.met(f):
                     best = (k, f)
                     break
                 k //= 2

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # ORT >= 1.20 rewrites DequantizeLinear(weight) -> MatMul into MatMulNBits with int8 activations unless told not to.
 QDQ_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 CPU_SESSION_CONFIG: dict[str, str] = {}
+SMALL_MODEL_BYTES = 256 << 20  # below: calibrate with one torch thread
+AUTO_BF16_BYTES = 8 << 30  # reference_dtype "auto": above 8 GiB of fp32 weights calibrate on a bf16 torch model
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class CalibrateConfig:
     target_p1: float = 0.98
     target_spearman_delta: float = 0.3
     max_float_fraction: float = 0.25
+    w8a8_margin: float = 0.5  # W8A8 only while this share of the cosine error budget stays unused on held-out texts
     w8a8: bool = True  # allow W8A8 on MatMuls proven safe
     cpu_form: bool = True
     samples: int | None = None
@@ -49,6 +52,7 @@ class CalibrateConfig:
     seed: int | None = None
     batch_size: int = 8
     pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
+    reference_dtype: str = "auto"  # torch model used for calibration + reference: float32 | bfloat16 | auto
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -57,11 +61,21 @@ class CalibrateConfig:
             raise UserInputError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
         if not 0.0 < self.target_p1 <= 1.0 or self.target_spearman_delta < 0:
             raise UserInputError("target p1 must be in (0, 1] and the Spearman delta target >= 0")
+        if not 0.0 <= self.w8a8_margin < 1.0:
+            raise UserInputError(f"w8a8_margin must be in [0, 1), got {self.w8a8_margin}")
         if not 0.0 <= self.max_float_fraction <= 1.0:
             raise UserInputError(f"max_float_fraction must be in [0, 1], got {self.max_float_fraction}")
         if self.batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.reference_dtype not in ("auto", "float32", "bfloat16"):
+            raise UserInputError(f"--reference-dtype must be auto, float32 or bfloat16, got {self.reference_dtype!r}")
         self.alpha()
+
+    def torch_dtype_for(self, fp32_bytes: int) -> str:
+        """auto: fp32 up to AUTO_BF16_BYTES of fp32 weights, bf16 above (a 7B in fp32 alone is ~29 GB)."""
+        if self.reference_dtype != "auto":
+            return self.reference_dtype
+        return "bfloat16" if fp32_bytes > AUTO_BF16_BYTES else "float32"
 
     def alpha(self) -> float | str | None:
         if self.smoothquant in ("off", "none"):
@@ -80,7 +94,8 @@ class CalibrateConfig:
         from ..quant.sensitivity import Targets
 
         return Targets(cos_mean=self.target_cosine if self.target_cosine is not None else 0.995, cos_p1=self.target_p1,
-                       spearman_delta=self.target_spearman_delta, max_float_fraction=self.max_float_fraction)
+                       spearman_delta=self.target_spearman_delta, max_float_fraction=self.max_float_fraction,
+                       w8a8_margin=self.w8a8_margin)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +157,6 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
     from ..spec import ModelSpec
     from ..tokenization import TextTokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = CalibrateConfig(**job["config"])
     spec = ModelSpec.from_dict(job["spec"])
     model_dir, src, out_dir = Path(job["model_dir"]), Path(job["fp32_onnx"]), Path(job["out_dir"])
@@ -163,22 +177,28 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
         sts = spec.apply_prompt([a for a, _, _ in cs.pairs] + [b for _, b, _ in cs.pairs], "STSBenchmark")
         pair_b, gold = make_batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
 
-    progress("loading the torch reference")
-    model = load_backbone(model_dir, dtype="float32")
+    fp32_bytes = _onnx_weight_bytes(src)
+    if fp32_bytes < SMALL_MODEL_BYTES:
+        # tiny GEMMs gain nothing from a second thread, and on a busy machine OpenMP's thread hand-off made the
+        # 2-thread run of demo:tiny-mistral's calibration 9x slower than one thread (355 s vs 40 s)
+        torch.set_num_threads(1)
+    ref_dtype = cfg.torch_dtype_for(fp32_bytes)
+    progress(f"loading the torch reference ({ref_dtype})")
+    model = load_backbone(model_dir, dtype=ref_dtype)
     linears = obs.linear_modules(model)
     proto = onnx.load(str(src), load_external_data=False)
     mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in linears.items()})
     del proto
     names = list(mapping)
     for n in names:  # the graph must hold this model's weights, or the mapping is wrong
-        w = linears[n].weight.detach().numpy()
-        if not np.isfinite(w).all():
+        if not torch.isfinite(linears[n].weight.detach()).all():
             raise CalibrationError(f"weight of {n} is not finite")
     embed = torch_embedder(model, spec)
     ev = sens.Evaluator(embed=embed, holdout_batches=hold_b, pair_batches=pair_b, gold=gold)
     ev.reference()
     figures: dict[str, Any] = {"recipe": recipe.to_dict(), "sample": cs.summary(), "matmuls_mapped": len(names),
-                               "linears_in_model": len(linears)}
+                               "linears_in_model": len(linears), "reference_dtype": ref_dtype,
+                               "fp32_weight_bytes": fp32_bytes}
 
     progress(f"observing {len(names)} linear inputs on {len(cs.calibration)} texts")
     ocfg = obs.ObserveConfig(method="minmax")
@@ -219,11 +239,16 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
     qdir.mkdir(parents=True)
     progress("writing the Q/DQ model")
     info = qdq.build_quantized(src, qdir / "model.onnx", mapping, qdq.QuantPlan(sel.modes, thresholds),
-                               weight_of=lambda n: mods[n].weight.detach().numpy(),
-                               bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().numpy(),
+                               weight_of=lambda n: mods[n].weight.detach().float().numpy(),
+                               bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().float().numpy(),
                                norm_updates=norm_updates)
     result: dict[str, Any] = {"figures": figures, "int8": {"build": info, "modes": sel.modes}}
-    del model, mods, linears, stats
+    ev.embed = None  # type: ignore[assignment]  # its closure holds the torch model
+    del model, mods, linears, stats, embed
+    import gc
+
+    gc.collect()
+    figures["peak_rss_mb_with_torch_model"] = _peak_rss_mb()
     progress("measuring the Q/DQ model with ONNX Runtime")
     result["int8"]["fidelity"] = _measure(qdir / "model.onnx", QDQ_SESSION_CONFIG, ev, hold_b, pair_b, gold, targets)
     if cfg.cpu_form:
@@ -233,33 +258,54 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _onnx_weight_bytes(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer)
+
+
 def _measure(path: Path, session_config: dict[str, str], ev: Any, hold_b: Any, pair_b: Any, gold: Any, targets: Any) -> dict[str, Any]:
     from ..quant.sensitivity import fidelity
 
     cand = _ort_embed(path, session_config, hold_b)
     pc = _ort_embed(path, session_config, pair_b) if pair_b else None
     f = fidelity(ev.ref, cand, ev.pairs_ref, pc, gold)
-    return {**f.to_dict(), "met": targets.met(f), "measured_on": "held-out calibration texts + scored STSB-dev pairs, ORT vs torch fp32"}
+    return {**f.to_dict(), "met": targets.met(f), "measured_on": "held-out calibration texts + scored STSB-dev pairs, ORT vs the torch reference (reference_dtype)"}
 
 
 def _cpu_form(src: Path, out: Path, mapping: dict[str, Any], sel: Any, ev: Any, hold_b: Any, pair_b: Any, gold: Any,
               targets: Any) -> dict[str, Any]:
+    """MatMulNBits 8-bit (block 32, symmetric, int8 compute) on every mapped MatMul, weights streamed from the fp32
+    ONNX one tensor at a time; when it misses the targets, the most W8A8-sensitive MatMuls stay float."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # most W8A8-sensitive first: the layers to leave float when the block-int8 form misses the target
+    from ..quant import qdq
+
+    proto = onnx.load(str(src), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    del proto
+
+    def weight_of(n: str) -> np.ndarray:
+        return qdq.read_tensor(inits[mapping[n].weight], src.parent).T  # ONNX B is [in, out]
+
     order = sorted(mapping, key=lambda n: -sel.sensitivity_w8a8.get(n, 0.0))
     tries = []
     for frac in (0.0, 0.05, 0.15, 0.3):
-        excluded = [mapping[n].node for n in order[: int(round(frac * len(order)))]]
+        floats = set(order[: int(round(frac * len(order)))])
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=excluded)
-        q.process()
-        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=q.model.model.ByteSize() > (1 << 31) - 1)
+        modes = {n: ("float" if n in floats else "nbits8") for n in mapping}
+        qdq.build_quantized(src, out / "model.onnx", mapping, qdq.QuantPlan(modes, {}), weight_of=weight_of,
+                            bias_of=lambda n: None)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, ev, hold_b, pair_b, gold, targets)
-        tries.append({"float_fraction": frac, "float_nodes": len(excluded), **fid})
+        tries.append({"float_fraction": frac, "float_nodes": len(floats), **fid})
         if fid["met"]:
             break
     return {"fidelity": tries[-1], "tries": tries, "float_nodes": [n for n in order[: tries[-1]["float_nodes"]]],

@@ -98,7 +98,7 @@ def test_unreachable_target_fails_and_leaves_no_partial_artifact(tiny_int8, tmp_
     before = json.loads((root / "manifest.json").read_text())["stages"]["calibrate:int8"]
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", str(root), "--target-cosine", "0.9999999", "--max-float-fraction", "0", "--no-cpu-form",
-              "--samples", "16", "--holdout", "8", "--force"])
+              "--samples", "16", "--holdout", "8", "--pairs", "40", "--force"])
     assert exc.value.code == 1
     after = json.loads((root / "manifest.json").read_text())["stages"]["calibrate:int8"]
     assert after == before  # the previous artifact and its record are untouched
