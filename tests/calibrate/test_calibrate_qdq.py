@@ -113,3 +113,26 @@ def test_bad_method_is_a_clear_error(tiny_int8, capsys):
         main(["calibrate", str(tiny_int8), "--method", "kl"])
     assert exc.value.code == 2
     assert "unknown calibration method 'kl'" in capsys.readouterr().err
+
+
+def test_cpu_form_equals_ort_matmulnbits_quantizer(tiny_int8, tmp_path):
+    """The streamed CPU form (one weight at a time through ORT's own packer) is exactly what ORT's
+    MatMulNBitsQuantizer makes from the whole fp32 model: same nodes, same outputs."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rec = Manifest.load(tiny_int8).stage("calibrate:int8-cpu")
+    assert rec.figures["float_nodes"] == []  # every MatMul is in the 8-bit form on this model
+    q = MatMulNBitsQuantizer(onnx.load(str(tiny_int8 / "onnx" / "fp32" / "model.onnx")), bits=8, block_size=32,
+                             is_symmetric=True, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(tmp_path / "ort.onnx"))
+    ours = tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"
+    count = [sum(n.op_type == "MatMulNBits" for n in onnx.load(str(p)).graph.node) for p in (ours, tmp_path / "ort.onnx")]
+    assert count[0] == count[1] == 14
+    ids = np.random.default_rng(0).integers(5, 900, (2, 24)).astype(np.int64)
+    outs = []
+    for p in (ours, tmp_path / "ort.onnx"):
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        outs.append(s.run(None, {i.name: (ids if "ids" in i.name else np.ones_like(ids)) for i in s.get_inputs()})[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
