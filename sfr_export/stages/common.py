@@ -99,10 +99,21 @@ def run_worker(module: str, job: dict[str, Any], *, log_path: Path, on_progress:
     return result
 
 
-def worker_main(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Entry point for ``python -m`` stage workers: read the job, run ``fn``, print RESULT or ERROR."""
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. ``VmHWM`` is per process; ``ru_maxrss`` survives exec and can report the parent's."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_main(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Entry point for ``python -m`` stage workers: read the job, run ``fn``, print RESULT or ERROR."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
@@ -110,7 +121,7 @@ def worker_main(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     except SfrExportError as exc:
         print(f"ERROR {type(exc).__name__} {str(exc).replace(chr(10), ' ')}", flush=True)
         raise SystemExit(3) from exc
-    result["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result["worker_peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result, default=str), flush=True)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, ExportValidationError, UserInputError
-from ..manifest import ArtifactRecord, Manifest, StageRecord
+from ..manifest import ArtifactRecord, StageRecord
 from ..spec import ModelSpec
 from .common import Precision, progress, run_worker, worker_main
 
@@ -240,7 +240,14 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
     if cfg.validate:
         progress("validating against PyTorch (mixed lengths, left and right padding)")
         tok = load_tokenizer(model_dir)
-        ref = TorchRunner(model_dir, spec, dtype="float32")
+        # fp32: the exported backbone is the reference; fp16: free it before loading the fp32 reference.
+        reuse = backbone if cfg.precision is Precision.FP32 else None
+        if reuse is None and not low_memory:
+            del wrapper, backbone
+            import gc
+
+            gc.collect()
+        ref = TorchRunner(model_dir, spec, dtype="float32", model=reuse)
         ref.activate()
         sliding = getattr(ref.model.config, "sliding_window", None)
         result["validation"] = validate_onnx(onnx_path, ref, tok, spec, threshold=cfg.threshold, sliding_window=sliding)
