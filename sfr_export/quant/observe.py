@@ -97,13 +97,13 @@ def observe(model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], names:
             else:
                 np.maximum(st.channel_absmax, cam, out=st.channel_absmax)
             st.absmax = max(st.absmax, float(cam.max()))
-            arr = x2.cpu().numpy()
-            take = rng.choice(arr.shape[0], size=min(per_batch_rows, arr.shape[0]), replace=False)
-            st.rows.append(arr[np.sort(take)].astype(np.float32))
-            st.n_rows += arr.shape[0]
+            n_rows = x2.shape[0]
+            take = np.sort(rng.choice(n_rows, size=min(per_batch_rows, n_rows), replace=False))
+            st.rows.append(x2[torch.from_numpy(take)].cpu().numpy().astype(np.float32))  # only the sampled rows leave torch
+            st.n_rows += n_rows
             if collector is not None:
                 with _quiet():
-                    collector.collect({name: arr.reshape(-1)})
+                    collector.collect({name: x2.cpu().numpy().reshape(-1)})
         return fn
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
