@@ -67,7 +67,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(rc, int) and rc != 0:
             sys.exit(rc)
     except SfrExportError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
