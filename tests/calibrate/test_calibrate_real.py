@@ -1,35 +1,29 @@
-"""INT8 fidelity on real weights (slow): demo:minilm and demo:smollm2 through the calibrate stage with defaults.
+"""INT8 fidelity on real weights (slow): demo:minilm and demo:smollm2 through the calibrate stage.
 
-Measured with ONNX Runtime (each artifact's recorded session config) against the PyTorch fp32 reference on the
-first PAIRS STSBenchmark test pairs (the benchmark script uses all 1379) with the model's STS prompt.
+Measured with ONNX Runtime (each artifact's recorded session config) against the PyTorch fp32 reference on ALL 1379
+STSBenchmark test pairs with the model's STS prompt (the issue's targets: mean cos >= 0.995, p1 >= 0.98,
+|delta Spearman| <= 0.3 points), scored by sfr_export.eval's MTEB-protocol STS evaluator. The calibration itself runs
+on a smaller sample than the default recipe (CI time); the targets are the same.
 """
 
 from __future__ import annotations
 
-import csv
 import shutil
 
 import numpy as np
 import pytest
 
+from sfr_export.eval.loaders import Limits, load_stsb_csv
+from sfr_export.eval.sts import evaluate_sts
 from sfr_export.manifest import Manifest
 from sfr_export.runtime import Embedder
 from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
 from tests.conftest import exported
 
-PAIRS = 400
 
-
-def _stsb(data_dir, n):
-    with open(data_dir / "STSBenchmark" / "stsb-en-test.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))[:n]
-    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
-
-
-def _spearman(a, b):
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic) * 100
+def _score(task, emb):
+    n = len(task.scores)
+    return evaluate_sts(task, {"sentences1": emb[:n], "sentences2": emb[n:]}).main
 
 
 @pytest.mark.slow
@@ -37,22 +31,32 @@ def _spearman(a, b):
 def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
     src = exported(tmp_path_factory, model, "fp32")
     root = tmp_path_factory.mktemp("real") / model.replace(":", "_")
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns("fp16", "logs"))
-    recs = run_calibrate(root, CalibrateConfig(samples=96, holdout=32, pairs=100))
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("fp16", "logs", "engine*"))
+    recs = run_calibrate(root, CalibrateConfig(samples=64, holdout=24, pairs=100))
     assert [r.name for r in recs] == ["calibrate:int8", "calibrate:int8-cpu"]
-    s1, s2, gold = _stsb(data_dir, PAIRS)
+    task = load_stsb_csv(data_dir / "STSBenchmark", "STSBenchmark", Limits())
+    assert len(task.scores) == 1379
+    texts = list(task.sentences1) + list(task.sentences2)
     with Embedder.from_artifact(root, backend="torch") as e:
-        ref = e.encode(s1 + s2, prompt="STSBenchmark")
-    sp_ref = _spearman((ref[:PAIRS] * ref[PAIRS:]).sum(1), gold)
-    m = Manifest.load(root)
+        ref = e.encode(texts, prompt="STSBenchmark")
+    sp_ref = _score(task, ref)
+    offered = 0
     for rec in recs:
         variant = rec.config["variant"]
-        assert rec.status == "ok", rec.reason
         with Embedder.from_artifact(root, variant=variant) as e:
-            out = e.encode(s1 + s2, prompt="STSBenchmark")
+            out = e.encode(texts, prompt="STSBenchmark")
         cos = (ref * out).sum(1)
-        d_sp = _spearman((out[:PAIRS] * out[PAIRS:]).sum(1), gold) - sp_ref
-        assert cos.mean() >= 0.995 and np.percentile(cos, 1) >= 0.98, (variant, cos.mean(), np.percentile(cos, 1))
-        assert abs(d_sp) <= 0.3, (variant, d_sp)
-    q = m.stage("calibrate:int8")
-    assert q.figures["mixed_precision"]["modes"].get("w8", 0) + q.figures["mixed_precision"]["modes"].get("w8a8", 0) > 0
+        d_sp = _score(task, out) - sp_ref
+        meets = cos.mean() >= 0.995 and np.percentile(cos, 1) >= 0.98 and abs(d_sp) <= 0.3
+        print(f"{model} {variant}: status {rec.status}, cos {cos.mean():.5f} p1 {np.percentile(cos, 1):.5f} "
+              f"dSpearman {d_sp:+.3f}")
+        if rec.status == "ok":  # every artifact the build offers meets the targets on the test pairs too
+            assert meets, (variant, float(cos.mean()), float(np.percentile(cos, 1)), d_sp)
+            offered += 1
+        else:
+            assert rec.status == "failed-targets" and rec.reason
+    assert offered >= 1, [(r.name, r.status, r.reason) for r in recs]
+    q = Manifest.load(root).stage("calibrate:int8")
+    modes = q.figures["mixed_precision"]["modes"]
+    assert modes.get("w8", 0) + modes.get("w8a8", 0) > 0  # int8 weights, not a float model in disguise
+    assert q.config["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
