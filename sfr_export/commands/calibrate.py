@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[Path] = typer.Option(None, help="Your own JSONL (text, task, optional instruction) instead of a recipe."),
         method: str = typer.Option("minmax", help="Activation range method: minmax | percentile | entropy."),
         percentile: float = typer.Option(99.999, help="Percentile for --method percentile."),
-        smoothquant: str = typer.Option("auto", help="off | auto (per-group alpha search) | an alpha in [0, 1]."),
+        smoothquant: str = typer.Option("off", help="off | auto (per-group alpha search) | an alpha in [0, 1]."),
         target_cosine: Optional[float] = typer.Option(None, help="Required mean cosine vs fp32; fail (no artifact) if unreachable."),
         target_p1: float = typer.Option(0.98, help="Required 1st-percentile cosine."),
         target_spearman: float = typer.Option(0.3, help="Allowed |delta STS Spearman| in points on held-out pairs."),

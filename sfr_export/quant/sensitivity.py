@@ -41,7 +41,9 @@ class Targets:
     def met(self, f: "Fidelity") -> bool:
         ok = f.cos_mean >= self.cos_mean and f.cos_p1 >= self.cos_p1
         if f.spearman_delta is not None:
-            ok = ok and abs(f.spearman_delta) <= self.spearman_delta
+            # a few hundred held-out pairs cannot resolve 0.3 points: on SmolLM2's 100 STSB-dev pairs, MatMulNBits int8 at
+            # cos 0.999 swung from -1.14 to +1.19 between near-identical configs. Allow twice the measured noise floor.
+            ok = ok and abs(f.spearman_delta) <= max(self.spearman_delta, 2.0 * (f.spearman_noise or 0.0))
         return ok
 
 
@@ -52,6 +54,7 @@ class Fidelity:
     cos_min: float
     spearman_delta: float | None = None  # points
     spearman_ref: float | None = None
+    spearman_noise: float | None = None  # std of the delta under isotropic noise of the same mean cosine (points)
     n: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +82,25 @@ def fidelity(ref: np.ndarray, cand: np.ndarray, pairs_ref: np.ndarray | None = N
         s_ref = spearman((pairs_ref[:n] * pairs_ref[n:]).sum(1), gold)
         s_cand = spearman((pairs_cand[:n] * pairs_cand[n:]).sum(1), gold)
         f.spearman_ref, f.spearman_delta = s_ref * 100, (s_cand - s_ref) * 100
+        f.spearman_noise = spearman_noise(pairs_ref, gold, float(cos_rows(pairs_ref, pairs_cand).mean()))
     return f
+
+
+def spearman_noise(pairs_ref: np.ndarray, gold: np.ndarray, cos_mean: float, draws: int = 10) -> float:
+    """Noise floor of the Spearman delta on these pairs (points): its std when isotropic Gaussian noise that gives the
+    same mean cosine is added to the reference embeddings (seeded)."""
+    if cos_mean >= 0.999999:
+        return 0.0
+    n, d = len(gold), pairs_ref.shape[1]
+    rng = np.random.default_rng(0)
+    sigma = np.sqrt(max(1.0 / cos_mean ** 2 - 1.0, 0.0) / d)
+    base = spearman((pairs_ref[:n] * pairs_ref[n:]).sum(1), gold)
+    out = []
+    for _ in range(draws):
+        e = pairs_ref + rng.normal(0.0, sigma, pairs_ref.shape)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        out.append((spearman((e[:n] * e[n:]).sum(1), gold) - base) * 100)
+    return float(np.std(out))
 
 
 def fake_weight(w: Any) -> Any:

@@ -39,7 +39,9 @@ class CalibrateConfig:
     data: str | None = None  # the user's own JSONL (text, task, optional instruction) instead of a recipe
     method: str = "minmax"  # minmax | percentile | entropy
     percentile: float = 99.999
-    smoothquant: str = "auto"  # off | auto | an alpha in [0, 1]
+    # off | auto | an alpha in [0, 1]. Default off: on real SmolLM2 the search leaves most MatMuls weight-only, and
+    # "auto" smoothing (112 of 120 groups) took weight-only int8 from held-out cos 0.99877 to 0.99341
+    smoothquant: str = "off"
     target_cosine: float | None = None  # given: strict (fail, no artifact, when unreachable); None: default 0.995
     target_p1: float = 0.98
     target_spearman_delta: float = 0.3
@@ -367,7 +369,7 @@ def run_calibrate(root: Path, config: CalibrateConfig, *, force: bool = False, o
             if not fid["met"]:
                 status = "failed-targets"
                 reason = (f"ORT {variant} vs torch fp32: cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, "
-                          f"dSpearman {fid.get('spearman_delta')} misses the targets")
+                          f"dSpearman {fid.get('spearman_delta')} (noise floor {fid.get('spearman_noise')}) misses the targets")
             rec = StageRecord(stage="calibrate", name=n, config={**want[n], "ort_session_config": dict(session)},
                               artifacts=arts, figures=figures, status=status, reason=reason)
             manifest.record(rec)

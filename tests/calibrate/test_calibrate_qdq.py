@@ -26,7 +26,7 @@ def test_manifest_records_both_int8_variants(tiny_int8):
         m.verify_stage(name)
     q = m.stage("calibrate:int8")
     assert q.config["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
-    assert q.figures["smoothquant"]["fold_check"]["min_cosine"] >= 0.99999
+    assert q.config["smoothquant"] == "off" and "smoothquant" not in q.figures  # the default (fold: outlier tests)
     assert q.figures["sample"]["calibration"]["texts"] > 0
 
 
