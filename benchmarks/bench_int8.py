@@ -300,6 +300,9 @@ def cmd_peer(args) -> dict:
     texts = s1 + s2
     resolved = resolve_model("demo:minilm")
     root = Path(args.out) / "peer" / "ours"
+    base = Path(args.out) / "minilm" / "fp32"
+    if not (root / "manifest.json").is_file() and (base / "manifest.json").is_file():
+        shutil.copytree(base, root, ignore=shutil.ignore_patterns("logs"))  # the fidelity run's export
     run_export(root, resolved, ExportConfig())
     run_calibrate(root, CalibrateConfig())
     try:
