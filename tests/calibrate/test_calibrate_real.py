@@ -27,12 +27,12 @@ def _score(task, emb):
     return evaluate_sts(task, {"sentences1": emb[:n], "sentences2": emb[n:]}).main
 
 
-@pytest.mark.slow
 HEAVY = os.environ.get("SFR_EXPORT_HEAVY") == "1"
 SMOLLM2_REASON = ("demo:smollm2 int8 needs ~10 CPU-minutes (calibration over 210 linears + 3 x 2758 SmolLM2 encodes), "
                   "over the CI budget; run with SFR_EXPORT_HEAVY=1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["demo:minilm",
                                    pytest.param("demo:smollm2", marks=pytest.mark.skipif(not HEAVY, reason=SMOLLM2_REASON))])
 def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
