@@ -8,7 +8,6 @@ on a smaller sample than the default recipe (CI time); the targets are the same.
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -27,14 +26,8 @@ def _score(task, emb):
     return evaluate_sts(task, {"sentences1": emb[:n], "sentences2": emb[n:]}).main
 
 
-HEAVY = os.environ.get("SFR_EXPORT_HEAVY") == "1"
-SMOLLM2_REASON = ("demo:smollm2 int8 needs ~10 CPU-minutes (calibration over 210 linears + 3 x 2758 SmolLM2 encodes), "
-                  "over the CI budget; run with SFR_EXPORT_HEAVY=1")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["demo:minilm",
-                                   pytest.param("demo:smollm2", marks=pytest.mark.skipif(not HEAVY, reason=SMOLLM2_REASON))])
+@pytest.mark.parametrize("model", ["demo:minilm", "demo:smollm2"])
 def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
     src = exported(tmp_path_factory, model, "fp32")
     root = tmp_path_factory.mktemp("real") / model.replace(":", "_")
