@@ -8,13 +8,13 @@ Every problem is an ``EvalDataError`` naming the file and line.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonl import iter_objects
 from .tasks import (ClassificationTask, ClusteringTask, EvalDataError, PairClassificationTask, RetrievalTask,
                     StsTask, Task, validate_task)
 
@@ -194,17 +194,7 @@ def load_banking77(folder: Path, name: str, limits: Limits) -> ClassificationTas
 
 # ---- clustering ------------------------------------------------------------------------------------------------
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(_need_file(path), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise EvalDataError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, obj
+    return iter_objects(_need_file(path), EvalDataError)
 
 
 def load_clustrec(folder: Path, name: str, limits: Limits) -> ClusteringTask:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import TrainingError
+from ..jsonl import iter_objects, numbered_lines, parse_object
 from ..manifest import atomic_path
 
 log = logging.getLogger(__name__)
@@ -93,31 +94,22 @@ def read_jsonl(path: Path, *, on_bad_line: str = "stop") -> LoadedData:
     if on_bad_line not in ON_BAD_LINE:
         raise TrainingError(f"on_bad_line must be 'stop' or 'skip', got {on_bad_line!r}")
     path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"training data file {path} does not exist")
     out = LoadedData([])
     task_types: dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TrainingError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                ex = parse_example(obj, where)
-                seen = task_types.setdefault(ex.task, ex.type)
-                if seen != ex.type:
-                    raise TrainingError(f"{where}: task '{ex.task}' has type '{ex.type}' here but '{seen}' earlier")
-            except TrainingError as exc:
-                if on_bad_line == "stop":
-                    raise
-                log.warning("skipping %s", exc)
-                out.skipped.append((lineno, str(exc)))
-                continue
-            out.examples.append(ex)
+    for lineno, line in numbered_lines(path, TrainingError, "training data file"):
+        where = f"{path}:{lineno}"
+        try:
+            ex = parse_example(parse_object(line, where, TrainingError), where)
+            seen = task_types.setdefault(ex.task, ex.type)
+            if seen != ex.type:
+                raise TrainingError(f"{where}: task '{ex.task}' has type '{ex.type}' here but '{seen}' earlier")
+        except TrainingError as exc:
+            if on_bad_line == "stop":
+                raise
+            log.warning("skipping %s", exc)
+            out.skipped.append((lineno, str(exc)))
+            continue
+        out.examples.append(ex)
     if not out.examples:
         raise TrainingError(f"{path} holds no valid training examples")
     return out
@@ -136,17 +128,10 @@ def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
 def read_corpus_file(path: Path) -> list[str]:
     """A corpus for mining: JSONL lines with ``text`` (and optional ``title``, BEIR style)."""
     texts = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise TrainingError(f"{path}:{lineno}: a corpus line needs a string field 'text'")
-            texts.append(_doc_text(obj))
+    for lineno, obj in iter_objects(Path(path), TrainingError, "corpus file"):
+        if not isinstance(obj.get("text"), str):
+            raise TrainingError(f"{path}:{lineno}: a corpus line needs a string field 'text'")
+        texts.append(_doc_text(obj))
     return texts
 
 
@@ -250,10 +235,8 @@ def build_clustering(folder: Path, *, task: str = "ClusTREC-Covid", negatives: i
                      limit: int | None = None, seed: int = 0) -> list[Example]:
     """ClusTREC documents (title) -> their topic name; other topic names as negatives. Train part only."""
     path = Path(folder) / "clustrec_covid.jsonl"
-    if not path.is_file():
-        raise TrainingError(f"{path} not found")
     inst = _instruction(task)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [obj for _, obj in iter_objects(path, TrainingError)]
     topics = sorted({r["topic_name"] for r in rows})
     rng = random.Random(seed)
     out = []
@@ -279,16 +262,9 @@ def retrieval_split(folder: Path, *, task: str, part: str = "train", heldout_fra
     folder = Path(folder)
     if part not in ("train", "heldout"):
         raise TrainingError(f"part must be 'train' or 'heldout', got {part!r}")
-    corpus = {}
-    for line in (folder / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            corpus[str(obj["_id"])] = _doc_text(obj)
-    queries = {}
-    for line in (folder / "queries.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            queries[str(obj["_id"])] = str(obj["text"]).strip()
+    corpus = {str(obj["_id"]): _doc_text(obj) for _, obj in iter_objects(folder / "corpus.jsonl", TrainingError)}
+    queries = {str(obj["_id"]): str(obj["text"]).strip()
+               for _, obj in iter_objects(folder / "queries.jsonl", TrainingError)}
     own_train = folder / "qrels" / "train.tsv"
     source = own_train if own_train.is_file() and part == "train" else folder / "qrels" / "test.tsv"
     carve = source.name == "test.tsv"

@@ -8,7 +8,6 @@ model's prompts, after the leakage guard has refused any fidelity-test text.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tomllib
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CalibrationError, UserInputError
+from ..jsonl import iter_objects
 from ..spec import ModelSpec, task_instructions
 from .leakage import check_no_leakage
 
@@ -181,18 +181,10 @@ def recipe_from_jsonl(path: Path, *, samples: int = 128, holdout: int = 32, seed
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise UserInputError(f"calibration data file {path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}: line {i + 1} is not valid JSON: {exc}") from exc
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
-            raise UserInputError(f"{path}: line {i + 1} needs a non-empty string 'text'")
+    for line_no, r in iter_objects(path, UserInputError, "calibration data file"):
+        if not isinstance(r.get("text"), str) or not r["text"].strip():
+            raise UserInputError(f"{path}:{line_no}: needs a non-empty string 'text'")
         rows.append(r)
     if not rows:
         raise UserInputError(f"calibration data file {path} has no rows")
@@ -283,11 +275,9 @@ def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: st
 
 def read_jsonl_pairs(path: Path) -> list[tuple[str, str, float]]:
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            r = json.loads(line)
-            try:
-                out.append((str(r["text1"]), str(r["text2"]), float(r["score"])))
-            except (KeyError, ValueError) as exc:
-                raise UserInputError(f"{path}: line {i + 1} needs text1, text2 and a numeric score") from exc
+    for line_no, r in iter_objects(path, UserInputError, "calibration pairs file"):
+        try:
+            out.append((str(r["text1"]), str(r["text2"]), float(r["score"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{path}:{line_no}: needs text1, text2 and a numeric score") from exc
     return out

@@ -95,7 +95,7 @@ def test_bad_qrels_line(tmp_path: Path) -> None:
 
 def test_malformed_jsonl(tmp_path: Path) -> None:
     (tmp_path / "clustrec_covid.jsonl").write_text('{"topic_id": "1", "title": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(EvalDataError, match=r"clustrec_covid.jsonl:2: not valid JSON"):
+    with pytest.raises(EvalDataError, match=r"clustrec_covid.jsonl:2: malformed JSON"):
         load_task(tmp_path, "ClusTREC-Covid", "clustrec-jsonl")
 
 
