@@ -185,7 +185,11 @@ def cmd_speed(args) -> dict:
     res = {"calibrate_seconds": cal_sec, "calibrate_worker_peak_rss_mb": recs[0].figures.get("worker_peak_rss_mb"),
            "calibrate_peak_rss_mb_while_torch_model_held": recs[0].figures.get("peak_rss_mb_with_torch_model"),
            "calibrate_reference_dtype": recs[0].figures.get("reference_dtype"), "params": total_params(args.layers),
-           "sizes": {}, "tokens_per_s": {}, "status": {r.name: r.status for r in recs}}
+           "sizes": {}, "tokens_per_s": {}, "status": {r.name: r.status for r in recs},
+           "int8_qdq_modes": recs[0].figures.get("mixed_precision", {}).get("modes"),
+           "int8_cpu_chosen": recs[-1].figures.get("chosen"),
+           "int8_cpu_tries": [{k: t.get(k) for k in ("candidate", "cos_mean", "cos_p1", "spearman_delta", "met")}
+                              for t in recs[-1].figures.get("tries", [])]}
     for v in ("fp32", "int8", "int8-cpu"):
         d = out / "onnx" / v
         res["sizes"][v] = sum(p.stat().st_size for p in d.iterdir())

@@ -6,9 +6,16 @@ The explicit-quantization form TensorRT 11 consumes (standard ONNX ops only):
   (int8 zero point 0) on input A;
 - Q/DQ only on MatMul inputs; attention-mask and position math stay float.
 
-The CPU form (mode ``nbits8``) replaces a MatMul by ORT's ``com.microsoft.MatMulNBits`` (8-bit, symmetric, blockwise
-along K), its weight packed by onnxruntime's own ``DefaultWeightOnlyQuantizer.qbits_block_quant`` one tensor at a time
-(ORT's ``MatMulNBitsQuantizer`` loads the whole model into memory first).
+The CPU form uses ONNX Runtime contrib ops, per MatMul:
+- ``nbits8``: ``com.microsoft.MatMulNBits`` (8-bit, symmetric, blockwise along K; with accuracy_level 4 the
+  activations are quantized per block of K at run time, which contains per-channel outliers), its weight packed by
+  onnxruntime's own ``DefaultWeightOnlyQuantizer.qbits_block_quant`` one tensor at a time (ORT's
+  ``MatMulNBitsQuantizer`` loads the whole model into memory first);
+- ``dyn8``: ``com.microsoft.DynamicQuantizeMatMul`` (symmetric per-output-channel int8 weight; the activation is
+  quantized per tensor at run time, u8 x s8 GEMM): the fastest form, faithful only where activations have no
+  outlier channels;
+- ``row8``: the activation quantized per row (token) at run time, symmetric, as uint8 with zero point 128, into
+  ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8 GEMM, per-output-channel weight scales), then times the row scale.
 
 Weights are read one tensor at a time (memory-mapped when external) and written straight to the output's external
 data file when the model is large, so quantizing never holds a second copy of the model.
@@ -31,7 +38,8 @@ from .observe import QMAX, act_scale, quantize_weight
 log = logging.getLogger(__name__)
 
 EXTERNAL_THRESHOLD = 1_800_000_000
-MODES = ("w8a8", "w8", "float", "nbits8")
+MODES = ("w8a8", "w8", "float", "nbits8", "dyn8", "row8")
+CPU_MODES = ("nbits8", "dyn8", "row8", "float")  # the CPU form's modes (com.microsoft ops; not for TensorRT)
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,9 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     act_qdq: dict[str, str] = {}
     counts = {m: 0 for m in MODES}
     nbits_nodes: dict[str, tuple[int, int, str, str]] = {}
+    dyn_nodes: dict[str, tuple[str, str, str]] = {}
+    row_nodes: dict[str, tuple[str, str]] = {}
+    row_q: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, row scale)
     try:
         for name, info in mapping.items():
             mode = plan.modes.get(name, "float")
@@ -213,6 +224,18 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                 new_inits += [writer.make(f"{info.weight}_nb8", packed), writer.make(f"{info.weight}_nb8_scales", sc)]
                 nbits_nodes[info.node] = (int(w_t.shape[0]), int(w_t.shape[1]), f"{info.weight}_nb8", f"{info.weight}_nb8_scales")
                 replaced[info.weight] = f"{info.weight}_nb8"
+            elif mode == "dyn8":
+                q, s = quantize_weight(w_t, axis=1)
+                new_inits += [writer.make(f"{info.weight}_dq8", q),
+                              writer.make(f"{info.weight}_dq8_scale", np.asarray(s, np.float32)),
+                              writer.make(f"{info.weight}_dq8_zp", np.zeros(len(s), np.int8))]
+                dyn_nodes[info.node] = (f"{info.weight}_dq8", f"{info.weight}_dq8_scale", f"{info.weight}_dq8_zp")
+                replaced[info.weight] = f"{info.weight}_dq8"
+            elif mode == "row8":
+                q, s = quantize_weight(w_t, axis=1)
+                new_inits += [writer.make(f"{info.weight}_r8", q), writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
+                row_nodes[info.node] = (f"{info.weight}_r8", f"{info.weight}_r8_scale")
+                replaced[info.weight] = f"{info.weight}_r8"
             elif mode == "float":
                 new_inits.append(writer.make(f"{info.weight}_sfr", w_t))
                 replaced[info.weight] = f"{info.weight}_sfr"
@@ -256,13 +279,41 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                 n = helper.make_node("MatMulNBits", [n.input[0], b_name, s_name], list(n.output), name=f"{n.name}_Q8",
                                      domain="com.microsoft", K=k_in, N=n_out, bits=8, block_size=plan.nbits_block_size,
                                      accuracy_level=plan.nbits_accuracy_level)
+            elif n.name in row_nodes:
+                a = n.input[0]
+                if a not in row_q:
+                    if not row_q:
+                        new_inits += [helper.make_tensor("sfr_row8_eps", TensorProto.FLOAT, [], [1e-30]),
+                                      helper.make_tensor("sfr_row8_inv127", TensorProto.FLOAT, [], [1.0 / QMAX]),
+                                      helper.make_tensor("sfr_row8_zp", TensorProto.UINT8, [], [128]),
+                                      helper.make_tensor("sfr_row8_one", TensorProto.FLOAT, [], [1.0]),
+                                      helper.make_tensor("sfr_row8_axes", TensorProto.INT64, [1], [-1])]
+                    p = f"{a}_row8"
+                    # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); x / scale is in
+                    # [-127, 127]; QuantizeLinear(1, 128) rounds, shifts, saturates and casts in one pass
+                    nodes += [helper.make_node("Abs", [a], [f"{p}_abs"], name=f"{p}_Abs"),
+                              helper.make_node("ReduceMax", [f"{p}_abs", "sfr_row8_axes"], [f"{p}_max"], name=f"{p}_Max", keepdims=1),
+                              helper.make_node("Mul", [f"{p}_max", "sfr_row8_inv127"], [f"{p}_s0"], name=f"{p}_S0"),
+                              helper.make_node("Max", [f"{p}_s0", "sfr_row8_eps"], [f"{p}_scale"], name=f"{p}_Scale"),
+                              helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
+                              helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
+                    row_q[a] = (f"{p}_u8", f"{p}_scale")
+                qa, sa = row_q[a]
+                wq, ws = row_nodes[n.name]
+                out = n.output[0]
+                nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
+                                              name=f"{n.name}_R8", domain="com.microsoft"))
+                n = helper.make_node("Mul", [f"{out}_r8", sa], [out], name=f"{n.name}_R8_rowscale")
+            elif n.name in dyn_nodes:
+                n = helper.make_node("DynamicQuantizeMatMul", [n.input[0], *dyn_nodes[n.name]], list(n.output),
+                                     name=f"{n.name}_D8", domain="com.microsoft")
             for k, i in enumerate(n.input):
                 if i in replaced:
                     n.input[k] = replaced[i]
             nodes.append(n)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if nbits_nodes and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        if (nbits_nodes or dyn_nodes or row_nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         keep = [t for t in model.graph.initializer if t.name not in replaced]
         used = {i for n in model.graph.node for i in n.input}
@@ -284,7 +335,7 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     if not writer.external:
         os.unlink(out_path.parent / writer.data_name) if (out_path.parent / writer.data_name).exists() else None
     onnx.save(model, str(out_path))
-    if not nbits_nodes:  # the checker does not know the com.microsoft contrib ops
+    if not (nbits_nodes or dyn_nodes or row_nodes):  # the checker does not know the com.microsoft contrib ops
         onnx.checker.check_model(str(out_path))
     return {"matmuls": counts, "external_data": writer.external, "activation_qdq_pairs": len(act_qdq)}
 

@@ -85,7 +85,7 @@ def test_int8_runs_through_the_embedder(tiny_int8):
 
 def test_cpu_form_is_not_qdq_compatible_input(tiny_int8):
     m = onnx.load(str(tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"))
-    assert any(n.op_type == "MatMulNBits" for n in m.graph.node)
+    assert any(n.op_type in ("MatMulNBits", "MatMulIntegerToFloat") for n in m.graph.node)
     with pytest.raises(CalibrationError, match="not Q/DQ-compatible"):
         map_matmuls(m, {"layers.0.self_attn.q_proj": (64, 64)})
 
@@ -115,19 +115,34 @@ def test_bad_method_is_a_clear_error(tiny_int8, capsys):
     assert "unknown calibration method 'kl'" in capsys.readouterr().err
 
 
-def test_cpu_form_equals_ort_matmulnbits_quantizer(tiny_int8, tmp_path):
-    """The streamed CPU form (one weight at a time through ORT's own packer) is exactly what ORT's
+def test_cpu_form_keeps_the_fastest_candidate_that_meets_the_targets(tiny_int8):
+    rec = Manifest.load(tiny_int8).stage("calibrate:int8-cpu")
+    tries = rec.figures["tries"]
+    assert tries and tries[-1]["met"] and not any(t["met"] for t in tries[:-1])
+    assert rec.figures["chosen"] == tries[-1]["candidate"] and tries[0]["candidate"] == "row8"
+    ops = [n.op_type for n in onnx.load(str(tiny_int8 / "onnx" / "int8-cpu" / "model.onnx")).graph.node]
+    modes = list(rec.figures["per_matmul"].values())
+    assert len(modes) == 14
+    assert ops.count("MatMulIntegerToFloat") == modes.count("row8") and ops.count("MatMulNBits") == modes.count("nbits8")
+
+
+def test_nbits8_form_equals_ort_matmulnbits_quantizer(tiny_int8, tmp_path):
+    """The streamed nbits8 form (one weight at a time through ORT's own packer) is exactly what ORT's
     MatMulNBitsQuantizer makes from the whole fp32 model: same nodes, same outputs."""
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    rec = Manifest.load(tiny_int8).stage("calibrate:int8-cpu")
-    assert rec.figures["float_nodes"] == []  # every MatMul is in the 8-bit form on this model
-    q = MatMulNBitsQuantizer(onnx.load(str(tiny_int8 / "onnx" / "fp32" / "model.onnx")), bits=8, block_size=32,
-                             is_symmetric=True, accuracy_level=4)
+    from sfr_export.quant.qdq import QuantPlan, build_quantized, read_tensor
+
+    src = tiny_int8 / "onnx" / "fp32" / "model.onnx"
+    mapping = _tiny_mapping(src)
+    inits = {t.name: t for t in onnx.load(str(src), load_external_data=False).graph.initializer}
+    ours = tmp_path / "ours.onnx"
+    build_quantized(src, ours, mapping, QuantPlan({n: "nbits8" for n in mapping}, {}),
+                    weight_of=lambda n: read_tensor(inits[mapping[n].weight], src.parent).T, bias_of=lambda n: None)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
     q.process()
     q.model.save_model_to_file(str(tmp_path / "ort.onnx"))
-    ours = tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"
     count = [sum(n.op_type == "MatMulNBits" for n in onnx.load(str(p)).graph.node) for p in (ours, tmp_path / "ort.onnx")]
     assert count[0] == count[1] == 14
     ids = np.random.default_rng(0).integers(5, 900, (2, 24)).astype(np.int64)
@@ -136,3 +151,59 @@ def test_cpu_form_equals_ort_matmulnbits_quantizer(tiny_int8, tmp_path):
         s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         outs.append(s.run(None, {i.name: (ids if "ids" in i.name else np.ones_like(ids)) for i in s.get_inputs()})[0])
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _tiny_mapping(src):
+    from sfr_export.models import load_backbone
+
+    m = Manifest.load(src.parents[2])
+    lin = {n: tuple(mod.weight.shape) for n, mod in load_backbone(m.model["local_dir"]).named_modules()
+           if isinstance(mod, __import__("torch").nn.Linear)}
+    return map_matmuls(onnx.load(str(src), load_external_data=False), lin)
+
+
+def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
+    """row8 = activation rows quantized symmetric int8 at run time (scale max|row|/127), weight columns per channel,
+    int32 accumulation: ONNX Runtime's output equals that arithmetic done in numpy; an all-zero row stays zero."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sfr_export.quant.observe import quantize_weight
+    from sfr_export.quant.qdq import MatMulInfo, QuantPlan, build_quantized
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 48
+    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)  # ONNX B: [in, out]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "L", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "L", n])],
+                          [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    out = tmp_path / "row8.onnx"
+    build_quantized(src, out, {"lin": MatMulInfo("lin", "mm", "w", "x")}, QuantPlan({"lin": "row8"}, {}),
+                    weight_of=lambda _: w.T, bias_of=lambda _: None)
+    x = rng.normal(0, 1, (2, 5, k)).astype(np.float32)
+    x[0, 1, 3] = 40.0  # an outlier inflates only its own row's scale
+    x[1, 2] = 0.0
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sx = np.maximum(np.abs(x).max(-1, keepdims=True) / 127, 1e-30)
+    qx = np.clip(np.rint(x / sx), -127, 127)
+    qw, sw = quantize_weight(w, axis=1)
+    ref = (qx.astype(np.float64) @ qw.astype(np.float64)) * sx * sw
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert np.all(y[1, 2] == 0) and np.isfinite(y).all()
+    assert np.abs(y - x @ w).max() < 0.05 * np.abs(x @ w).max()
+
+
+def test_smoothquant_on_a_bf16_reference_is_refused(tiny_int8, capsys):
+    """The fold check (min cos >= 0.99999 against the unsmoothed model) cannot hold once folded weights are
+    re-rounded to bf16, so the combination is refused up front, before any work, and nothing is touched."""
+    from sfr_export.cli import main
+
+    before = (tiny_int8 / "manifest.json").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", str(tiny_int8), "--smoothquant", "0.5", "--reference-dtype", "bfloat16", "--force"])
+    assert exc.value.code == 2
+    assert "SmoothQuant needs an fp32 torch reference" in capsys.readouterr().err
+    assert (tiny_int8 / "manifest.json").read_text() == before
