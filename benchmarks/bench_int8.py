@@ -6,8 +6,8 @@
     python benchmarks/bench_int8.py all
 
 Fidelity is measured against the PyTorch fp32 reference on ALL 1379 STSBenchmark test pairs (2758 sentences, STS
-instruction for instruction models) and on TRECCOVID (50 queries with their instruction + ``--trec-passages``
-qrels-judged passages). ΔSpearman is reported with its noise floor: the std of ΔSpearman when isotropic noise of
+instruction for instruction models) and on TRECCOVID (``--trec-queries`` queries with their instruction, the passages they judge, unjudged ones up to
+``--trec-passages``). ΔSpearman is reported with its noise floor: the std of ΔSpearman when isotropic noise of
 the same mean cosine is added to the reference embeddings (20 draws). Timings are ratios within one run only.
 Heavy steps hold /tmp/sfr-heavy.lock. Results go to ``--out`` (JSON + markdown).
 """
@@ -42,11 +42,13 @@ def stsb_test() -> tuple[list[str], list[str], np.ndarray]:
     return list(t.sentences1), list(t.sentences2), np.array(t.scores)
 
 
-def trec(n_passages: int) -> Any:
-    """TRECCOVID through sfr_export.eval (all 50 queries; judged passages first, then others, up to n_passages)."""
+def trec(n_queries: int, n_passages: int) -> Any:
+    """TRECCOVID through sfr_export.eval: the first ``n_queries`` queries with a judged passage, all passages they
+    judge, then unjudged ones up to ``n_passages`` (all 50 queries judge ~2000 passages: ~25 min per variant for
+    SmolLM2 on 2 cores)."""
     from sfr_export.eval.loaders import Limits, load_beir
 
-    return load_beir(DATA / "TRECCOVID", "TRECCOVID", Limits(max_corpus=n_passages))
+    return load_beir(DATA / "TRECCOVID", "TRECCOVID", Limits(max_queries=n_queries, max_corpus=n_passages))
 
 
 def sts_score(emb: np.ndarray, gold: np.ndarray) -> float:
@@ -117,8 +119,12 @@ def cmd_fidelity(args) -> dict:
     from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
     from sfr_export.stages.export import ExportConfig, run_export
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     s1, s2, gold = stsb_test()
-    tr = trec(args.trec_passages)
+    tr = trec(args.trec_queries, args.trec_passages)
     results = {}
     for model in args.models.split(","):
         resolved = resolve_model(f"demo:{model}")
@@ -127,12 +133,15 @@ def cmd_fidelity(args) -> dict:
         with Embedder.from_artifact(base, backend="torch") as e:
             ref, ref_sec, toks = encode_all(e, s1, s2, tr)
         rows = []
-        with Embedder.from_artifact(base, backend="torch", torch_dtype="bfloat16") as e:
-            out, sec, _ = encode_all(e, s1, s2, tr)
-        rows.append(fidelity_row("torch bf16", ref, out, gold, sec, ref_sec, tr))
-        with Embedder.from_artifact(base, variant="fp32") as e:
+        if not args.no_bf16:
+            with Embedder.from_artifact(base, backend="torch", torch_dtype="bfloat16") as e:
+                out, sec, _ = encode_all(e, s1, s2, tr)
+            rows.append(fidelity_row("torch bf16", ref, out, gold, sec, ref_sec, tr))
+            print(json.dumps(rows[-1]), flush=True)
+        with Embedder.from_artifact(base, variant="fp32", intra_op_threads=args.threads) as e:
             out, sec, _ = encode_all(e, s1, s2, tr)
         rows.append(fidelity_row("ORT fp32", ref, out, gold, sec, ref_sec, tr))
+        print(json.dumps(rows[-1]), flush=True)
         for method in args.methods.split(","):
             for smooth in args.smoothing.split(","):
                 d = Path(args.out) / model / f"{method}-{smooth}"
@@ -143,7 +152,7 @@ def cmd_fidelity(args) -> dict:
                 cal_sec = time.perf_counter() - t
                 for r in recs:
                     v = r.config["variant"]
-                    with Embedder.from_artifact(d, variant=v) as e:
+                    with Embedder.from_artifact(d, variant=v, intra_op_threads=args.threads) as e:
                         out, sec, _ = encode_all(e, s1, s2, tr)
                     row = fidelity_row(f"{v} {method} smooth={smooth}", ref, out, gold, sec, ref_sec, tr)
                     row.update(build_status=r.status, calibrate_seconds=cal_sec, modes=r.figures.get("mixed_precision", {}).get("modes"),
@@ -370,7 +379,10 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--methods", default="minmax")
     ap.add_argument("--smoothing", default="auto,off")
+    ap.add_argument("--trec-queries", type=int, default=5)
     ap.add_argument("--trec-passages", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=None, help="fidelity: torch and ORT intra-op threads (default: theirs)")
+    ap.add_argument("--no-bf16", action="store_true", help="fidelity: skip the torch bf16 row")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reference-dtype", default="bfloat16", help="speed: torch dtype calibrate uses on the wide model "
                     "(bfloat16 = the path `auto` takes for a 7B)")
