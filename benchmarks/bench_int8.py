@@ -317,7 +317,7 @@ def cmd_peer(args) -> dict:
     if not (root / "manifest.json").is_file() and (base / "manifest.json").is_file():
         shutil.copytree(base, root, ignore=shutil.ignore_patterns("logs"))  # the fidelity run's export
     run_export(root, resolved, ExportConfig())
-    run_calibrate(root, CalibrateConfig())
+    run_calibrate(root, CalibrateConfig(), force=True)  # the CPU form's choice is not part of the config
     try:
         py = ensure_peer_venv()
     except (subprocess.CalledProcessError, StopIteration) as exc:
