@@ -11,9 +11,6 @@ The CPU form uses ONNX Runtime contrib ops, per MatMul:
   activations are quantized per block of K at run time, which contains per-channel outliers), its weight packed by
   onnxruntime's own ``DefaultWeightOnlyQuantizer.qbits_block_quant`` one tensor at a time (ORT's
   ``MatMulNBitsQuantizer`` loads the whole model into memory first);
-- ``dyn8``: ``com.microsoft.DynamicQuantizeMatMul`` (symmetric per-output-channel int8 weight; the activation is
-  quantized per tensor at run time, u8 x s8 GEMM): the fastest form, faithful only where activations have no
-  outlier channels;
 - ``row8``: the activation quantized per row (token) at run time, symmetric, as uint8 with zero point 128, into
   ``com.microsoft.MatMulIntegerToFloat`` (u8 x s8 GEMM, per-output-channel weight scales), then times the row scale.
 
@@ -38,8 +35,7 @@ from .observe import QMAX, act_scale, quantize_weight
 log = logging.getLogger(__name__)
 
 EXTERNAL_THRESHOLD = 1_800_000_000
-MODES = ("w8a8", "w8", "float", "nbits8", "dyn8", "row8")
-CPU_MODES = ("nbits8", "dyn8", "row8", "float")  # the CPU form's modes (com.microsoft ops; not for TensorRT)
+MODES = ("w8a8", "w8", "float", "nbits8", "row8")  # nbits8 / row8: the CPU form (com.microsoft ops, not TensorRT)
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ def norm_mul_for(model: Any, activation: str, channels: int) -> tuple[Any, int] 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuantPlan:
-    modes: dict[str, str]  # torch linear name -> w8a8 | w8 | float | nbits8
+    modes: dict[str, str]  # torch linear name -> one of MODES
     act_thresholds: dict[str, float]  # torch linear name -> activation abs threshold (for w8a8)
     nbits_block_size: int = 32  # nbits8: weight block along K
     nbits_accuracy_level: int = 4  # nbits8: 4 = int8 compute (activations quantized blockwise at run time)
@@ -209,7 +205,6 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     act_qdq: dict[str, str] = {}
     counts = {m: 0 for m in MODES}
     nbits_nodes: dict[str, tuple[int, int, str, str]] = {}
-    dyn_nodes: dict[str, tuple[str, str, str]] = {}
     row_nodes: dict[str, tuple[str, str]] = {}
     row_q: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, row scale)
     try:
@@ -224,13 +219,6 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                 new_inits += [writer.make(f"{info.weight}_nb8", packed), writer.make(f"{info.weight}_nb8_scales", sc)]
                 nbits_nodes[info.node] = (int(w_t.shape[0]), int(w_t.shape[1]), f"{info.weight}_nb8", f"{info.weight}_nb8_scales")
                 replaced[info.weight] = f"{info.weight}_nb8"
-            elif mode == "dyn8":
-                q, s = quantize_weight(w_t, axis=1)
-                new_inits += [writer.make(f"{info.weight}_dq8", q),
-                              writer.make(f"{info.weight}_dq8_scale", np.asarray(s, np.float32)),
-                              writer.make(f"{info.weight}_dq8_zp", np.zeros(len(s), np.int8))]
-                dyn_nodes[info.node] = (f"{info.weight}_dq8", f"{info.weight}_dq8_scale", f"{info.weight}_dq8_zp")
-                replaced[info.weight] = f"{info.weight}_dq8"
             elif mode == "row8":
                 q, s = quantize_weight(w_t, axis=1)
                 new_inits += [writer.make(f"{info.weight}_r8", q), writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
@@ -304,16 +292,13 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
                 nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
                                               name=f"{n.name}_R8", domain="com.microsoft"))
                 n = helper.make_node("Mul", [f"{out}_r8", sa], [out], name=f"{n.name}_R8_rowscale")
-            elif n.name in dyn_nodes:
-                n = helper.make_node("DynamicQuantizeMatMul", [n.input[0], *dyn_nodes[n.name]], list(n.output),
-                                     name=f"{n.name}_D8", domain="com.microsoft")
             for k, i in enumerate(n.input):
                 if i in replaced:
                     n.input[k] = replaced[i]
             nodes.append(n)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if (nbits_nodes or dyn_nodes or row_nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        if (nbits_nodes or row_nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         keep = [t for t in model.graph.initializer if t.name not in replaced]
         used = {i for n in model.graph.node for i in n.input}
@@ -335,7 +320,7 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     if not writer.external:
         os.unlink(out_path.parent / writer.data_name) if (out_path.parent / writer.data_name).exists() else None
     onnx.save(model, str(out_path))
-    if not (nbits_nodes or dyn_nodes or row_nodes):  # the checker does not know the com.microsoft contrib ops
+    if not (nbits_nodes or row_nodes):  # the checker does not know the com.microsoft contrib ops
         onnx.checker.check_model(str(out_path))
     return {"matmuls": counts, "external_data": writer.external, "activation_qdq_pairs": len(act_qdq)}
 

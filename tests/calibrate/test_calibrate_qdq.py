@@ -154,11 +154,13 @@ def test_nbits8_form_equals_ort_matmulnbits_quantizer(tiny_int8, tmp_path):
 
 
 def _tiny_mapping(src):
+    import torch
+
     from sfr_export.models import load_backbone
 
     m = Manifest.load(src.parents[2])
     lin = {n: tuple(mod.weight.shape) for n, mod in load_backbone(m.model["local_dir"]).named_modules()
-           if isinstance(mod, __import__("torch").nn.Linear)}
+           if isinstance(mod, torch.nn.Linear)}
     return map_matmuls(onnx.load(str(src), load_external_data=False), lin)
 
 
