@@ -1,43 +1,49 @@
-"""The ``sfr-export`` command line. Thin: parses options into typed configs, calls stages, prints results.
-
-Every ``SfrExportError`` becomes one line on stderr and a non-zero exit code; nothing else is caught.
-"""
+"""The ``sfr-export`` command line. Thin: typer parses each option once (choices are Enums), a command calls one
+function, and every error a user can cause becomes one line on stderr and a documented exit code
+(``sfr_export.errors``). ``--debug`` or ``SFR_EXPORT_DEBUG=1`` shows tracebacks instead."""
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
+import os
 import sys
-from pathlib import Path
+from importlib import metadata
 from typing import Optional
 
 import typer
-from rich.console import Console
+from typer._click import exceptions as click_exc  # typer 0.29 vendors click: its own exception classes
+from typer.exceptions import Abort
+from rich.markup import escape
 
-from .errors import SfrExportError, UserInputError
+from .commands import bench, calibrate, core, engine, finetune, serve, verify
+from .commands._ui import console
+from .errors import PathError, SfrExportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn text-embedding LLMs into faithful ONNX / INT8 / TensorRT artifacts.")
-console = Console(stderr=True)
-out = Console()
+for _module in (core, verify, calibrate, engine, serve, bench, finetune):
+    for _name, _fn in _module.COMMANDS.items():
+        app.command(_name)(_fn)
 
-# Modules that add commands with `register(app)`. One line per pipeline area.
-COMMAND_MODULES = [
-    "sfr_export.commands.core",
-    "sfr_export.commands.verify",
-    "sfr_export.commands.calibrate",
-    "sfr_export.commands.serve",
-    "sfr_export.commands.finetune",
-    "sfr_export.commands.engine",
-]
+INTERNAL_ERROR = 70
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sfr-export {metadata.version('sfr-export')}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")) -> None:
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also SFR_EXPORT_DEBUG=1)."),
+          version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
     from rich.logging import RichHandler
 
+    if debug:
+        os.environ["SFR_EXPORT_DEBUG"] = "1"
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)],
                         force=True)
@@ -45,46 +51,46 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
-for _mod in COMMAND_MODULES:
-    importlib.import_module(_mod).register(app)
+def _fail(message: str, code: int) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
-def parse_csv(value: str, *, name: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise UserInputError(f"{name} is empty")
-    return items
-
-
-def print_json(data: object) -> None:
-    """Machine-readable output on stdout (plain JSON, no rich wrapping)."""
-    typer.echo(json.dumps(data, indent=2, default=str))
+def _usage_message(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"{exc.format_message()}{where}"  # type: ignore[attr-defined]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    debug = os.environ.get("SFR_EXPORT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit codes instead of raising here
-        if isinstance(rc, int) and rc != 0:
-            sys.exit(rc)
+        rc = app(args=argv, standalone_mode=False)  # typer.Exit codes come back as the return value
+    except click_exc.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "")  # bare `sfr-export`: the help, exit 0
+        rc = 0
     except SfrExportError as exc:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        if debug:
+            raise
+        _fail(str(exc), exc.exit_code)
+    except click_exc.ClickException as exc:
+        _fail(_usage_message(exc), getattr(exc, "exit_code", 2) or 2)
+    except Abort:
+        _fail("aborted", 1)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        _fail("interrupted", 130)
+    except OSError as exc:  # a user-given path that cannot be read or written
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", PathError.exit_code)
+    except Exception as exc:  # a bug: still one line, and the way to see more
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug or SFR_EXPORT_DEBUG=1 for the "
+              "traceback, and please report it)", INTERNAL_ERROR)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover

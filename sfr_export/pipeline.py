@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import StageRecord
+from .artifact import StageRecord
 from .models import ResolvedModel
-from .stages.common import Precision
+from .artifact import Precision
 from .stages.export import ExportConfig, run_export
 
 log = logging.getLogger(__name__)

@@ -7,26 +7,9 @@ the ONNX graph. All arithmetic runs in float32 whatever the hidden-state dtype.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
-
-class PoolingMode(str, Enum):
-    LASTTOKEN = "lasttoken"
-    MEAN = "mean"
-    CLS = "cls"
-
-    @classmethod
-    def parse(cls, value: str) -> "PoolingMode":
-        aliases = {"last_token": "lasttoken", "last": "lasttoken", "eos": "lasttoken", "mean_tokens": "mean", "cls_token": "cls"}
-        v = aliases.get(value.lower(), value.lower())
-        try:
-            return cls(v)
-        except ValueError:
-            from .errors import UserInputError
-
-            raise UserInputError(f"unknown pooling mode '{value}' (expected lasttoken, mean or cls)") from None
+from .spec import PoolingMode
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

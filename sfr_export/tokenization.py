@@ -7,6 +7,7 @@ and append ``eos_token_id`` ourselves. Every sequence then ends in exactly one E
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserInputError
+from .errors import ArtifactError, UserInputError
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ class Batch:
 
 
 def validate_texts(texts: Sequence[str] | str) -> list[str]:
+    """A ``str`` or a sequence (list, tuple) of ``str``, each non-empty valid Unicode; anything else is refused."""
     if isinstance(texts, str):
         texts = [texts]
+    if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+        raise UserInputError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
         raise UserInputError("no texts to embed: the input list is empty")
@@ -62,7 +66,60 @@ def validate_texts(texts: Sequence[str] | str) -> list[str]:
             raise UserInputError(f"input {i} is {type(t).__name__}, not str")
         if not t.strip():
             raise UserInputError(f"input {i} is empty or whitespace only")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserInputError(f"input {i} is not valid Unicode: an unpaired surrogate at character {exc.start} "
+                                 "(undecodable bytes in the source text?)") from None
     return texts
+
+
+class JsonTokenizer:
+    """A ``tokenizer.json`` + ``tokenizer_config.json`` read with the ``tokenizers`` library, exposing the small part
+    of the transformers tokenizer interface that ``TextTokenizer`` uses."""
+
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        for name in ("bos", "eos", "pad", "sep"):
+            setattr(self, f"{name}_token_id", self._id_of(cfg.get(f"{name}_token")))
+
+    def _id_of(self, token: Any) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self.tok.token_to_id(token) if isinstance(token, str) else None
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, texts: list[str], **_: Any) -> dict[str, list[list[int]]]:
+        return {"input_ids": [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]}
+
+
+def load_tokenizer_dir(directory: Path) -> Any:
+    if not directory.is_dir():
+        raise ArtifactError(f"tokenizer dir {directory} is missing: run `sfr-export export --force` to restore it")
+    try:
+        if (directory / "tokenizer.json").is_file():
+            return JsonTokenizer(directory)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+    except ImportError as exc:
+        raise ArtifactError(f"{directory} has no tokenizer.json and transformers is not installed ({exc})") from None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # tokenizers raises Exception
+        raise ArtifactError(f"cannot load the tokenizer in {directory}: {exc} "
+                            "(run `sfr-export export --force` to restore it)") from None
+    except Exception as exc:  # tokenizers reports a corrupt tokenizer.json as a bare Exception
+        if type(exc).__module__.startswith(("tokenizers", "builtins")):
+            raise ArtifactError(f"cannot load the tokenizer in {directory}: {exc} "
+                                "(run `sfr-export export --force` to restore it)") from None
+        raise
 
 
 class TextTokenizer:
@@ -80,16 +137,17 @@ class TextTokenizer:
         if spec.prepend_bos and bos is None:
             raise UserInputError("spec says prepend_bos but the tokenizer has no bos_token_id")
         self.bos_id: int | None = bos if spec.prepend_bos else None
+        if hasattr(tokenizer, "model_max_length"):
+            tokenizer.model_max_length = 1 << 60  # we truncate ourselves; silences the false "longer than" warning
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = int(pad if pad is not None else (eos if eos is not None else 0))
         self.truncated_total = 0
 
     @classmethod
     def from_dir(cls, tokenizer_dir: Path, spec: ModelSpec, **kw: Any) -> "TextTokenizer":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
-        return cls(tok, spec, **kw)
+        """The artifact's ``tokenizer/``: read with ``tokenizers`` alone when it holds ``tokenizer.json`` (no torch,
+        no transformers needed), else with transformers' AutoTokenizer."""
+        return cls(load_tokenizer_dir(Path(tokenizer_dir)), spec, **kw)
 
     @property
     def vocab_size(self) -> int:
@@ -126,6 +184,23 @@ class TextTokenizer:
             self.truncated_total += truncated
             log.warning("truncated %d of %d inputs to max_length=%d", truncated, len(texts), spec.max_length)
         return Encoded(out, truncated)
+
+    def fit_ids(self, seqs: Sequence[Sequence[int]], *, truncation: Truncation | str | None = None) -> list[list[int]]:
+        """Caller-made token ids held to ``spec.max_length`` under the same policy as ``encode``: refused with
+        ``error``; with ``truncate`` cut, keeping a final EOS."""
+        policy = self.truncation if truncation is None else Truncation.parse(truncation)
+        limit = self.spec.max_length
+        out: list[list[int]] = []
+        for i, s in enumerate(seqs):
+            s = list(s)
+            if len(s) > limit:
+                if policy is Truncation.ERROR:
+                    raise UserInputError(f"input {i} has {len(s)} tokens, over max_length {limit} (truncation='error')")
+                keep_eos = self.eos_id is not None and s[-1] == self.eos_id
+                s = s[: limit - 1] + [s[-1]] if keep_eos else s[:limit]
+                self.truncated_total += 1
+            out.append(s)
+        return out
 
     def _truncate(self, ids: list[int], budget: int) -> list[int]:
         # Keep a trailing special token (e.g. BERT's [SEP]) when the tokenizer added one and we don't append EOS.

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import atomic_path
+from ..artifact import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, EngineError, MissingDependencyError, UserInputError
-from ..manifest import Manifest
-from ..runtime.embedder import Embedder, load_spec, onnx_variants
+from ..artifact import Artifact, Backend, Candidate, Precision, Variant
+from ..artifact.layout import TOKENIZER_DIR
+from ..runtime.embedder import Embedder
 from ..spec import ModelSpec
 from ..tokenization import TextTokenizer
 from .cache import ReferenceCache, ids_key, model_key
 from .evaluate import prepare, score
-from .gate import precision_of
 from .result import TaskScore
 from .retrieval import top_k_overlap
 from .suite import Suite, TaskEntry
@@ -33,7 +33,6 @@ from .tasks import Task
 
 log = logging.getLogger(__name__)
 
-VARIANT_ORDER = ("fp32", "fp16", "int8", "int8-cpu")
 
 
 @dataclass
@@ -74,74 +73,41 @@ def tokenize_task(tok: TextTokenizer, spec: ModelSpec, entry: TaskEntry, task: T
     return TaskInputs(entry, task, ids, meta, index, truncated)
 
 
-@dataclass(frozen=True)
-class BackendChoice:
-    name: str  # what the user asked for: torch, fp32, fp16, int8, tensorrt, ...
-    backend: str  # torch | onnxruntime | tensorrt
-    variant: str | None
-    precision: str
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "variant": self.variant, "precision": self.precision}
+SPECIAL_NAMES = ("all", "onnx", Backend.TORCH.value, Backend.TENSORRT.value)
 
 
-def _engine_precision(manifest: Manifest) -> str:
-    rec = manifest.stage("engine")
-    return precision_of(str(rec.config.get("precision", "fp16"))) if rec else "fp16"
+def describe(cand: Candidate) -> dict[str, Any]:
+    return {"name": cand.name, "backend": cand.backend.value, "variant": cand.variant.value if cand.variant else None,
+            "precision": cand.precision.value}
 
 
-def resolve_backend(manifest: Manifest, name: str) -> BackendChoice | str:
-    """The backend for ``name``, or the reason it cannot run here (a string)."""
-    variants = onnx_variants(manifest)
-    if name == "torch":
-        local = manifest.model.get("local_dir")
-        if not local or not Path(local).is_dir():
-            return f"the torch model dir {local} is gone"
-        return BackendChoice("torch", "torch", None, precision_of(str(manifest.data.get("reference_dtype", "fp32"))))
-    if name == "tensorrt":
-        from .._optional import available
-
-        rec = manifest.stage("engine")
-        if rec is None:
-            return "no TensorRT engine in the artifact (run `sfr-export engine` on a GPU machine)"
-        if rec.status != "ok":
-            return f"the engine stage was {rec.status}: {rec.reason or 'no reason recorded'}"
-        if not (available("tensorrt") or available("tensorrt_lean")):
-            return "TensorRT is not installed (pip install 'sfr-export[gpu]')"
-        return BackendChoice("tensorrt", "tensorrt", None, _engine_precision(manifest))
-    if name in variants:
-        rec = manifest.stage(variants[name])
-        prec = str(rec.config.get("precision", name)) if rec else name
-        return BackendChoice(name, "onnxruntime", name, precision_of(prec))
-    have = ", ".join(sorted(variants)) or "none"
-    return f"no '{name}' ONNX variant in the artifact (have: {have})"
+def default_candidates(art: Artifact) -> list[str]:
+    """Every ONNX variant, then TensorRT when an engine is recorded (reported as skipped, with the reason, when it
+    cannot run here)."""
+    names = [v.value for v in art.variants()]
+    return names + ([Backend.TENSORRT.value] if art.engine() is not None else [])
 
 
-def default_candidates(manifest: Manifest) -> list[str]:
-    variants = onnx_variants(manifest)
-    names = [v for v in VARIANT_ORDER if v in variants] + sorted(v for v in variants if v not in VARIANT_ORDER)
-    if manifest.stage("engine") is not None:  # reported as skipped (with the reason) when it cannot run here
-        names.append("tensorrt")
-    return names
-
-
-def expand_candidates(manifest: Manifest, requested: tuple[str, ...] | None) -> list[str]:
+def expand_candidates(art: Artifact, requested: tuple[str, ...] | None) -> list[str]:
+    """The candidate names to compare; a name the artifact can never run is refused before any work."""
     if requested is None:
-        return default_candidates(manifest)
+        return default_candidates(art)
+    have = [v.value for v in art.variants()]
     out: list[str] = []
     for name in requested:
-        for n in (default_candidates(manifest) if name in ("all", "onnx") else [name]):
-            if n == "tensorrt" and name == "onnx":
-                continue
-            if n not in out:
-                out.append(n)
+        if name not in SPECIAL_NAMES and name not in have:
+            known = {v.value for v in Variant}
+            what = f"no '{name}' ONNX variant" if name in known else f"unknown candidate '{name}'"
+            raise UserInputError(f"--candidates: {what} in {art.root} (have: {', '.join([*have, *SPECIAL_NAMES])})")
+        expanded = default_candidates(art) if name in ("all", "onnx") else [name]
+        out += [n for n in expanded if n not in out and not (n == Backend.TENSORRT.value and name == "onnx")]
     if not out:
         raise UserInputError("no candidates to verify: the artifact has no ONNX variant or engine")
     return out
 
 
-def open_backend(root: Path, choice: BackendChoice, *, batch_size: int, max_batch_tokens: int | None) -> Embedder:
-    return Embedder.from_artifact(root, backend=choice.backend, variant=choice.variant, batch_size=batch_size,
+def open_backend(root: Path, cand: Candidate, *, batch_size: int, max_batch_tokens: int | None) -> Embedder:
+    return Embedder.from_artifact(root, backend=cand.backend, variant=cand.variant, batch_size=batch_size,
                                   max_batch_tokens=max_batch_tokens)
 
 
@@ -189,11 +155,12 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     say = on_progress or (lambda _msg: None)
     t_start = time.perf_counter()
     root = Path(root)
-    manifest = Manifest.load(root)
-    spec = load_spec(root)
+    art = Artifact.open(root)
+    manifest = art.manifest
+    spec = art.spec()
     cache = cache or ReferenceCache(enabled=False)
-    names = expand_candidates(manifest, settings.candidates)
-    ref_choice = resolve_backend(manifest, settings.reference)
+    names = expand_candidates(art, settings.candidates)
+    ref_choice = art.resolve(settings.reference)
     if isinstance(ref_choice, str):
         raise BackendUnavailableError(f"reference '{settings.reference}' cannot run: {ref_choice}")
 
@@ -201,15 +168,15 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     ddir = suite.data_dir(data_dir)
     loaded = suite.load(data_dir)
     t0 = time.perf_counter()
-    tok = TextTokenizer.from_dir(root / "tokenizer", spec)
+    tok = TextTokenizer.from_dir(root / TOKENIZER_DIR, spec)
     tasks = [tokenize_task(tok, spec, e, prepare(t)) for e, t in loaded]
     t_tok = time.perf_counter() - t0
 
     # ---- reference pass ----
-    mkey = model_key(str(manifest.model.get("fingerprint")), spec.to_dict(), ref_choice.describe())
+    mkey = model_key(str(manifest.model.get("fingerprint")), spec.to_dict(), describe(ref_choice))
     share = None
     if settings.time_budget_s is not None:  # the reference's share: it and each runnable candidate cost about alike
-        runnable = sum(not isinstance(resolve_backend(manifest, n), str) for n in names)
+        runnable = sum(not isinstance(art.resolve(n), str) for n in names)
         share = settings.time_budget_s / (1 + runnable)
     ref_emb: list[np.ndarray] = []
     dropped: list[tuple[str, str]] = []
@@ -239,32 +206,33 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     t_ref = time.perf_counter() - t0
     ref_scores = {ti.entry.name: score(ti.task, ti.groups(e), clustering=ti.entry.clustering)
                   for ti, e in zip(kept, ref_emb)}
-    ref_info = {**ref_choice.describe(), "seconds": t_ref, "cache": cache.describe(),
+    ref_info = {**describe(ref_choice), "seconds": t_ref, "cache": cache.describe(),
                 "inputs": int(sum(len(ti.ids) for ti in kept)), "anisotropy": anisotropy(ref_emb)}
     result = Comparison(suite=suite, data_dir=ddir, tasks=kept, dropped=dropped, reference=ref_info,
                         reference_scores=ref_scores)
 
     # ---- candidates ----
     for name in names:
-        result.candidates.append(_run_candidate(root, manifest, name, kept, ref_emb, ref_scores, settings, say))
+        result.candidates.append(_run_candidate(art, name, kept, ref_emb, ref_scores, settings, say))
     result.timing = {"tokenize_seconds": t_tok, "reference_seconds": t_ref,
                      "total_seconds": time.perf_counter() - t_start}
     return result
 
 
-def _run_candidate(root: Path, manifest: Manifest, name: str, tasks: list[TaskInputs], ref_emb: list[np.ndarray],
+def _run_candidate(art: Artifact, name: str, tasks: list[TaskInputs], ref_emb: list[np.ndarray],
                    ref_scores: dict[str, TaskScore], settings: CompareSettings,
                    say: Callable[[str], None]) -> dict[str, Any]:
-    choice = resolve_backend(manifest, name)
+    choice = art.resolve(name)
     if isinstance(choice, str):
         log.warning("candidate %s skipped: %s", name, choice)
-        return {"name": name, "status": "skipped", "reason": choice, "precision": precision_of(name)}
+        prec = art.engine_precision() if name == Backend.TENSORRT.value else Precision.FP32
+        return {"name": name, "status": "skipped", "reason": choice, "precision": prec.value}
     t0 = time.perf_counter()
     try:
-        emb = open_backend(root, choice, batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)
+        emb = open_backend(art.root, choice, batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)
     except (BackendUnavailableError, MissingDependencyError, EngineError) as exc:
         log.warning("candidate %s skipped: %s", name, exc)
-        return {**choice.describe(), "status": "skipped", "reason": str(exc)}
+        return {**describe(choice), "status": "skipped", "reason": str(exc)}
     except ArtifactError:
         raise  # a corrupt or mismatched artifact is an error, never a skip
     info = dict(emb.info)
@@ -295,7 +263,7 @@ def _run_candidate(root: Path, manifest: Manifest, name: str, tasks: list[TaskIn
         emb.close()
     cos = np.concatenate(all_cos) if all_cos else np.ones(1)
     worst.sort(key=lambda w: w[0])
-    return {**choice.describe(), "status": "evaluated", "reason": "", "runner": info,
+    return {**describe(choice), "status": "evaluated", "reason": "", "runner": info,
             "seconds": time.perf_counter() - t0,
             "cosine": {**cosine_stats(cos), "histogram": histogram(cos),
                        "worst": [{"cosine": c, "task": t, "side": s, "text": x[:300]}

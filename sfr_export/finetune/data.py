@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import TrainingError
 from ..jsonl import iter_objects, numbered_lines, parse_object
-from ..manifest import atomic_path
+from ..artifact import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +340,23 @@ def document_instruction(example: Example) -> str | None:
     """Documents get the instruction only for symmetric STS pairs (both sides are sentences of one kind);
     retrieval passages and label descriptions are embedded plain, as in e5-mistral / SFR training."""
     return example.instruction if example.type == "sts" and example.instruction else None
+
+
+def assemble_corpora(jsonl: Path, items: Sequence[str], tasks: set[str]) -> dict[str, list[str]]:
+    """Mining corpora: the builder's ``<jsonl>.corpus/<task>.jsonl`` files, then ``TASK=PATH`` items over them.
+
+    Corpora of tasks that the examples do not use are dropped, unless an item named them explicitly (so that a
+    typo surfaces as an error in mining instead of being ignored)."""
+    corpora: dict[str, list[str]] = {}
+    auto = corpus_dir_for(jsonl)
+    if auto.is_dir():
+        for p in sorted(auto.glob("*.jsonl")):
+            corpora[p.stem] = read_corpus_file(p)
+    named = set()
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise TrainingError(f"--corpus must look like TASK=PATH, got {item!r}")
+        corpora[task] = read_corpus_file(Path(path))
+        named.add(task)
+    return {t: c for t, c in corpora.items() if t in tasks or t in named}

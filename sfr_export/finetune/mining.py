@@ -35,7 +35,7 @@ class MiningReport:
 
 def load_teacher(teacher: str, *, backend: str = "auto", max_length: int | None = None, batch_size: int = 32):
     """An Embedder for ``teacher``: an sfr-export artifact dir (has manifest.json) or any model reference."""
-    from ..manifest import MANIFEST_NAME
+    from ..artifact.layout import MANIFEST_FILE as MANIFEST_NAME
     from ..runtime.embedder import Embedder, embedder_for_model
     from ..tokenization import TextTokenizer
 

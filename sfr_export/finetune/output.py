@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
-from ..manifest import atomic_dir, atomic_write_text, sha256_file
+from ..artifact import atomic_dir, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 
 from .._optional import require
 from ..errors import TrainingError
-from ..manifest import atomic_dir
+from ..artifact import atomic_dir
 from .config import FinetuneConfig
 from .data import Example, read_jsonl, tasks_of
 from .distributed import DistInfo, all_reduce_mean, barrier, full_params, init_from_env, wrap_model

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from ..manifest import atomic_dir
+from ..artifact import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ DEMO_NAMES = ("tiny-mistral", "minilm", "smollm2")
 
 def materialize_demo(name: str) -> Path:
     """Return the local dir of ``demo:NAME``, building it on first use."""
-    from .loading import cache_root
+    from .cache import cache_root
 
     short = name.removeprefix("demo:")
     if short not in DEMO_NAMES:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, UserInputError
 from ..spec import ModelSpec, spec_from_model_dir
+from .cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ class ResolvedModel:
     def manifest_entry(self) -> dict[str, Any]:
         return {"id": self.id, "source": self.source, "local_dir": str(self.local_dir), "revision": self.revision,
                 "fingerprint": self.fingerprint}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SFR_EXPORT_CACHE", Path.home() / ".cache" / "sfr-export"))
 
 
 def weight_files(model_dir: Path) -> list[Path]:

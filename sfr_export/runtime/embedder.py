@@ -7,7 +7,6 @@ concurrently on ONNX Runtime (``InferenceSession.run`` is thread-safe) and under
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -19,21 +18,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, ChecksumMismatchError, UserInputError
-from ..manifest import Manifest
+from .._optional import available
+from ..artifact import Artifact, Backend, Manifest, Variant
+from ..artifact.layout import TOKENIZER_DIR
 from ..spec import ModelSpec
 from ..tokenization import Batch, Encoded, TextTokenizer, Truncation, length_batches, validate_texts
 from .runner import Runner
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
-SPEC_FILE = "spec.json"
-TOKENIZER_DIR = "tokenizer"
 # Runners whose ``infer`` may be called from many threads at once; the others run under a lock.
 THREAD_SAFE_RUNNERS = frozenset({"onnxruntime"})
-# ``auto`` on CPU prefers fidelity (fp32), on a CUDA provider speed (fp16 first).
-CPU_VARIANT_ORDER = ("fp32", "fp16", "int8-cpu", "int8-dynamic", "int8")
-CUDA_VARIANT_ORDER = ("fp16", "fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -44,23 +39,6 @@ class BatchStats:
     tokens: int  # real tokens (attention mask sum)
     padded_tokens: int  # rows * padded length
     seconds: float
-
-
-def onnx_variants(manifest: Manifest) -> dict[str, str]:
-    """variant name (fp32, fp16, int8, ...) -> stage name, for every stage that produced an ONNX model."""
-    out: dict[str, str] = {}
-    for name, rec in manifest.stages.items():
-        variant = rec.config.get("variant")
-        if variant and rec.status != "skipped" and any(a.kind == "onnx" for a in rec.artifacts):
-            out[str(variant)] = name
-    return out
-
-
-def load_spec(root: Path) -> ModelSpec:
-    p = Path(root) / SPEC_FILE
-    if not p.is_file():
-        raise ArtifactError(f"{root} has no {SPEC_FILE}")
-    return ModelSpec.from_dict(json.loads(p.read_text(encoding="utf-8")))
 
 
 class Embedder:
@@ -89,7 +67,7 @@ class Embedder:
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
-    def from_artifact(cls, root: str | Path, *, backend: str = "auto", variant: str | None = None,
+    def from_artifact(cls, root: str | Path, *, backend: Backend | str = Backend.AUTO, variant: Variant | str | None = None,
                       verify: bool = True, providers: Sequence[Any] | None = None, allow_fallback: bool = False,
                       truncation: str | Truncation = Truncation.TRUNCATE, batch_size: int = 32,
                       max_batch_tokens: int | None = None, torch_dtype: str | None = None,
@@ -97,69 +75,23 @@ class Embedder:
                       intra_op_threads: int | None = None) -> "Embedder":
         """Open an output dir. ``backend="auto"`` picks TensorRT when an engine and TensorRT are present, else
         ONNX Runtime (CUDA provider when installed, else CPU), else torch; ``info["why"]`` says why.
-        ``verify`` checks the sha256 of what is loaded against the manifest. ``session_config`` adds ONNX Runtime
-        session entries over the manifest's (e.g. ``{"session.intra_op.allow_spinning": "0"}`` for servers)."""
-        root = Path(root)
-        if backend not in BACKENDS:
-            raise UserInputError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
-        manifest = Manifest.load(root)
-        spec = load_spec(root)
-        tok = TextTokenizer.from_dir(root / TOKENIZER_DIR, spec, truncation=Truncation.parse(truncation))
-        runner, info = cls._make_runner(root, manifest, spec, backend=backend, variant=variant, verify=verify,
-                                        providers=providers, allow_fallback=allow_fallback, torch_dtype=torch_dtype,
-                                        device=device, session_config=session_config,
-                                        intra_op_threads=intra_op_threads)
+        ``verify`` checks the sha256 of the spec, the tokenizer files and the model loaded against the manifest.
+        ``session_config`` adds ONNX Runtime session entries over the manifest's."""
+        backend = Backend.parse(backend)
+        variant = Variant.parse(variant) if variant is not None else None
+        art = Artifact.open(root)
+        if verify:
+            art.verify_base()
+        spec = art.spec()
+        tok = TextTokenizer.from_dir(Path(root) / TOKENIZER_DIR, spec, truncation=Truncation.parse(truncation))
+        opts = _RunnerOptions(verify=verify, providers=providers, allow_fallback=allow_fallback,
+                              torch_dtype=torch_dtype, device=device, session_config=session_config,
+                              intra_op_threads=intra_op_threads)
+        runner, info = _make_runner(art, backend, variant, opts)
         info["verified"] = verify
         log.info("Embedder on %s: backend=%s (%s)", root, info["backend"],
                  ", ".join(f"{k}={v}" for k, v in info.items() if k != "backend"))
         return cls(runner, tok, batch_size=batch_size, max_batch_tokens=max_batch_tokens, info=info)
-
-    @staticmethod
-    def _make_runner(root: Path, manifest: Manifest, spec: ModelSpec, *, backend: str, variant: str | None,
-                     verify: bool, providers: Sequence[Any] | None, allow_fallback: bool, torch_dtype: str | None,
-                     device: str, session_config: dict[str, str] | None = None,
-                     intra_op_threads: int | None = None) -> tuple[Runner, dict[str, Any]]:
-        variants = onnx_variants(manifest)
-        if backend == "auto":
-            backend, why = _choose_backend(manifest, variants, variant)
-        else:
-            why = "requested"
-        if backend == "torch":
-            from .torch_runner import TorchRunner
-
-            model_dir = Path(manifest.model["local_dir"])
-            if verify:
-                _verify_model_dir(manifest, model_dir)
-            dtype = torch_dtype or manifest.data.get("reference_dtype", "float32")
-            return (TorchRunner(model_dir, spec, dtype=dtype, device=device),
-                    {"backend": "torch", "dtype": dtype, "why": why})
-        if backend == "tensorrt":
-            from .tensorrt_runner import TensorRTRunner  # added by the engine stage
-
-            return TensorRTRunner.from_manifest(manifest, verify=verify), {"backend": "tensorrt", "why": why}
-        if not variants:
-            raise ArtifactError(f"{root} has no ONNX model: run `sfr-export export` first")
-        providers = list(providers) if providers else _default_providers()
-        cuda = "CUDAExecutionProvider" in [p if isinstance(p, str) else p[0] for p in providers]
-        if variant is None:
-            order = CUDA_VARIANT_ORDER if cuda else CPU_VARIANT_ORDER
-            variant = next((v for v in order if v in variants), sorted(variants)[0])
-            why = f"{why}; variant {variant}: " + ("fastest on CUDA" if cuda else "highest fidelity on CPU")
-        if variant not in variants:
-            raise ArtifactError(f"{root} has no '{variant}' ONNX variant (have: {', '.join(sorted(variants))})")
-        stage = variants[variant]
-        if verify:
-            manifest.verify_stage(stage)
-        from .ort_runner import OrtRunner
-
-        rec = manifest.stage(stage)
-        if rec is None:  # pragma: no cover - onnx_variants only lists recorded stages
-            raise ArtifactError(f"{root} lost stage '{stage}' while loading")
-        session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(session_config or {})}
-        runner = OrtRunner(manifest.artifact_path(stage, "onnx"), providers=providers,
-                           session_config=session_config, allow_fallback=allow_fallback,
-                           intra_op_threads=intra_op_threads)
-        return runner, {"backend": "onnxruntime", "variant": variant, "why": why, "stage": stage}
 
     # ---- encoding ------------------------------------------------------------------------------------------
     @property
@@ -186,8 +118,12 @@ class Embedder:
 
     def check_ids(self, seqs: Sequence[Sequence[int]]) -> None:
         """Raise UserInputError unless every sequence is a non-empty list of in-vocabulary ints."""
+        if not isinstance(seqs, Sequence) or isinstance(seqs, (str, bytes)):
+            raise UserInputError(f"token ids must be a list of lists of int, got {type(seqs).__name__}")
         vocab = self.vocab_size
         for i, s in enumerate(seqs):
+            if not isinstance(s, Sequence) or isinstance(s, (str, bytes)):
+                raise UserInputError(f"input {i} is {type(s).__name__}, not a list of token ids")
             if len(s) == 0:
                 raise UserInputError(f"input {i} is an empty token list")
             for t in s:
@@ -207,10 +143,11 @@ class Embedder:
             raise UserInputError("no inputs to embed: the input list is empty")
         if check:
             self.check_ids(seqs)
+            seqs = self.tokenizer.fit_ids(seqs)
         out: np.ndarray | None = None
         mbt = max_batch_tokens if max_batch_tokens is not None else self.max_batch_tokens
-        for batch in length_batches(seqs, self.tokenizer, batch_size=batch_size or self.batch_size,
-                                    max_batch_tokens=mbt):
+        bs = batch_size if batch_size is not None else self.batch_size
+        for batch in length_batches(seqs, self.tokenizer, batch_size=bs, max_batch_tokens=mbt):
             emb = self._infer(batch, on_batch)
             if out is None:
                 out = np.empty((len(seqs), emb.shape[1]), dtype=np.float32)
@@ -284,22 +221,78 @@ def _default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _choose_backend(manifest: Manifest, variants: dict[str, str], variant: str | None) -> tuple[str, str]:
-    """The best backend this machine can run for this artifact, and why."""
-    if variant is None and _tensorrt_ready(manifest):
-        return "tensorrt", "auto: a TensorRT engine is recorded and TensorRT is installed"
-    if variants:
-        from .._optional import available
+@dataclass(frozen=True)
+class _RunnerOptions:
+    verify: bool = True
+    providers: Sequence[Any] | None = None
+    allow_fallback: bool = False
+    torch_dtype: str | None = None
+    device: str = "cpu"
+    session_config: dict[str, str] | None = None
+    intra_op_threads: int | None = None
 
+
+def _choose_backend(art: Artifact, variant: Variant | None) -> tuple[Backend, str]:
+    """The best backend this machine can run for this artifact, and why."""
+    if variant is None and art.engine() is not None and art.tensorrt_unavailable() is None:
+        return Backend.TENSORRT, "auto: a TensorRT engine is recorded and TensorRT is installed"
+    if art.variants():
         if not available("onnxruntime"):
             raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime (or the [gpu] extra)")
-        return "onnxruntime", "auto: ONNX model present, no usable TensorRT engine"
+        return Backend.ONNXRUNTIME, "auto: ONNX model present, no usable TensorRT engine"
     if variant is not None:
-        raise ArtifactError(f"{manifest.root} has no ONNX model, so no '{variant}' variant")
-    local = manifest.model.get("local_dir")
-    if local and Path(local).is_dir():
-        return "torch", "auto: no ONNX model in the artifact; the torch reference model dir is present"
-    raise ArtifactError(f"{manifest.root} has no ONNX model and its model dir {local} is gone: run `sfr-export export`")
+        raise ArtifactError(f"{art.root} has no ONNX model, so no '{variant.value}' variant")
+    if art.torch_model_dir() is not None:
+        return Backend.TORCH, "auto: no ONNX model in the artifact; the torch reference model dir is present"
+    raise ArtifactError(f"{art.root} has no ONNX model and its model dir {art.manifest.model.get('local_dir')} is gone: "
+                        "run `sfr-export export`")
+
+
+def _make_runner(art: Artifact, backend: Backend, variant: Variant | None,
+                 opts: _RunnerOptions) -> tuple[Runner, dict[str, Any]]:
+    why = "requested"
+    if backend is Backend.AUTO:
+        backend, why = _choose_backend(art, variant)
+    if backend is Backend.TORCH:
+        return _torch_runner(art, opts, why)
+    if backend is Backend.TENSORRT:
+        from .tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner.from_manifest(art.manifest, verify=opts.verify), {"backend": "tensorrt", "why": why}
+    return _ort_runner(art, variant, opts, why)
+
+
+def _torch_runner(art: Artifact, opts: _RunnerOptions, why: str) -> tuple[Runner, dict[str, Any]]:
+    from .torch_runner import TorchRunner
+
+    model_dir = Path(art.manifest.model["local_dir"])
+    if opts.verify:
+        _verify_model_dir(art.manifest, model_dir)
+    dtype = opts.torch_dtype or art.manifest.data.get("reference_dtype", "float32")
+    return (TorchRunner(model_dir, art.spec(), dtype=dtype, device=opts.device),
+            {"backend": "torch", "dtype": dtype, "why": why})
+
+
+def _ort_runner(art: Artifact, variant: Variant | None, opts: _RunnerOptions, why: str) -> tuple[Runner, dict[str, Any]]:
+    from .ort_runner import OrtRunner
+
+    variants = art.variants()
+    providers = list(opts.providers) if opts.providers else _default_providers()
+    cuda = "CUDAExecutionProvider" in [p if isinstance(p, str) else p[0] for p in providers]
+    if variant is None:
+        variant = art.preferred_variant(cuda=cuda)
+        why = f"{why}; variant {variant.value}: " + ("fastest on CUDA" if cuda else "highest fidelity on CPU")
+    if variant not in variants:
+        have = ", ".join(v.value for v in variants) or "none"
+        raise ArtifactError(f"{art.root} has no '{variant.value}' ONNX variant (have: {have})")
+    rec = variants[variant]
+    if opts.verify:
+        art.manifest.verify_stage(rec.name)
+    session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(opts.session_config or {})}
+    runner = OrtRunner(art.manifest.artifact_path(rec.name, "onnx"), providers=providers,
+                       session_config=session_config, allow_fallback=opts.allow_fallback,
+                       intra_op_threads=opts.intra_op_threads)
+    return runner, {"backend": "onnxruntime", "variant": variant.value, "why": why, "stage": rec.name}
 
 
 def _verify_model_dir(manifest: Manifest, model_dir: Path) -> None:
@@ -311,15 +304,6 @@ def _verify_model_dir(manifest: Manifest, model_dir: Path) -> None:
     if want and fingerprint(model_dir) != want:
         raise ChecksumMismatchError(f"model dir {model_dir} no longer matches the manifest fingerprint {str(want)[:12]}…: "
                                     "the weights changed since export")
-
-
-def _tensorrt_ready(manifest: Manifest) -> bool:
-    rec = manifest.stage("engine")
-    if rec is None or rec.status != "ok":
-        return False
-    from .._optional import available
-
-    return available("tensorrt") or available("tensorrt_lean")
 
 
 def embedder_for_model(model_dir: Path, spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserInputError
-from ..stages.engine import INPUT_NAMES, ShapeRange, default_batch, default_seq
+from ..artifact.engine_format import INPUT_NAMES, ShapeRange, default_batch, default_seq
 from .ort_runner import OrtRunner, check_providers
 
 CUDA_EP = "CUDAExecutionProvider"

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import EngineError, UserInputError
-from ..stages.engine import EngineSidecar, ShapeRange, check_compatibility
+from ..artifact.enums import StageKind
+from ..artifact.engine_format import EngineSidecar, ShapeRange, check_compatibility
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class TensorRTRunner(Runner):
 
     @classmethod
     def from_manifest(cls, manifest: Any, *, verify: bool = True, device: int = 0) -> "TensorRTRunner":
-        from ..stages.engine import STAGE
+        STAGE = StageKind.ENGINE.value
 
         rec = manifest.stage(STAGE)
         if rec is None or rec.status != "ok":

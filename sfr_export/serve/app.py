@@ -202,7 +202,7 @@ class EmbedderOptions:
 def run_server(directory: Path, config: ServeConfig, options: EmbedderOptions = EmbedderOptions()) -> None:
     """Load the artifact and serve it with uvicorn until SIGINT/SIGTERM; the queue drains before exit."""
     uvicorn = require("uvicorn", purpose="the embedding server")
-    from ..manifest import Manifest
+    from ..artifact import Manifest
 
     # Tokenization runs under the Embedder's lock in worker threads; the tokenizers library's own rayon pool would
     # only compete with ONNX Runtime for the same cores, and its per-thread malloc arenas raise RSS by tens of MB

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, CalibrationError, UserInputError
-from ..manifest import ArtifactRecord, Manifest, StageRecord
+from ..artifact import ArtifactRecord, Manifest, StageRecord
 from .common import progress, run_worker, worker_main
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, ExportValidationError, UserInputError
-from ..manifest import ArtifactRecord, StageRecord
+from ..artifact import ArtifactRecord, StageRecord
 from ..spec import ModelSpec
-from .common import Precision, progress, run_worker, worker_main
+from ..artifact import Precision
+from .common import progress, run_worker, worker_main
 
 log = logging.getLogger(__name__)
 

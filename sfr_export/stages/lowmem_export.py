@@ -38,7 +38,8 @@ from typing import Any
 
 from ..errors import ExportValidationError, ModelLoadError
 from ..spec import ModelSpec
-from .common import Precision, progress
+from ..artifact import Precision
+from .common import progress
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from ..eval.junit import render_junit
 from ..eval.report import build_report, render_markdown
 from ..eval.report_html import render_html
 from ..eval.suite import load_suite
-from ..manifest import ArtifactRecord, Manifest, StageRecord, atomic_write_text
+from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_write_text
 
 log = logging.getLogger(__name__)
 

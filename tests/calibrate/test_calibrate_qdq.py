@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from sfr_export.errors import CalibrationError
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 from sfr_export.quant.qdq import map_matmuls, qdq_summary
 
 

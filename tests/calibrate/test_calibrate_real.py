@@ -15,7 +15,7 @@ import pytest
 
 from sfr_export.eval.loaders import Limits, load_stsb_csv
 from sfr_export.eval.sts import evaluate_sts
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 from sfr_export.runtime import Embedder
 from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
 from tests.conftest import exported

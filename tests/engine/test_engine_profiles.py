@@ -8,7 +8,7 @@ import pytest
 from sfr_export.errors import UserInputError
 from sfr_export.runtime.tensorrt_runner import fit_chunk, plan_chunks
 from sfr_export.spec import ModelSpec
-from sfr_export.stages.common import Precision
+from sfr_export.artifact import Precision
 from sfr_export.stages.engine import EngineConfig, ShapeRange
 
 

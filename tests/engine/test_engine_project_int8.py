@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,9 @@ def tiny_calibrated(tiny_export, tmp_path_factory):
 
 @pytest.mark.slow
 def test_project_int8_conforms_and_cpu_form_does_not(tiny_calibrated):
-    from sfr_export.qdq_check import check_qdq
-    from sfr_export.runtime.embedder import load_spec
-    from sfr_export.stages.common import Precision
+    from sfr_export.tensorrt.qdq_check import check_qdq
+    from sfr_export.artifact import load_spec
+    from sfr_export.artifact import Precision
     from sfr_export.stages.engine import EngineConfig, run_engine
 
     m = Manifest.load(tiny_calibrated)

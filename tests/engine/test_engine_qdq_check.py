@@ -8,7 +8,7 @@ import pytest
 
 from engine_qdq_graphs import make_qdq_model
 from sfr_export.errors import ArtifactError
-from sfr_export.qdq_check import QdqCheckConfig, check_qdq
+from sfr_export.tensorrt.qdq_check import QdqCheckConfig, check_qdq
 
 
 @pytest.mark.parametrize("kw", [{}, {"weight_only": True}, {"transposed_gemm": True}])

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from sfr_export.errors import ChecksumMismatchError, EngineError, MissingDependencyError
-from sfr_export.manifest import ArtifactRecord, Manifest, StageRecord
+from sfr_export.artifact import ArtifactRecord, Manifest, StageRecord
 from sfr_export.stages.engine import EngineConfig, EngineSidecar, check_compatibility
 
 

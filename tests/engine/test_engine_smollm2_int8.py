@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("SFR_EXPORT_HEAVY") != "1",
               reason="calibrates the real SmolLM2 (several CPU minutes, over the area's CI budget): set SFR_EXPORT_HEAVY=1")]
@@ -36,9 +36,9 @@ def smollm2_int8(tmp_path_factory):
 
 
 def test_real_smollm2_int8_follows_tensorrt_rules(smollm2_int8):
-    from sfr_export.qdq_check import check_qdq
-    from sfr_export.runtime.embedder import load_spec
-    from sfr_export.stages.common import Precision
+    from sfr_export.tensorrt.qdq_check import check_qdq
+    from sfr_export.artifact import load_spec
+    from sfr_export.artifact import Precision
     from sfr_export.stages.engine import EngineConfig, run_engine
 
     m = Manifest.load(smollm2_int8)

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from sfr_export.errors import ArtifactError
-from sfr_export.manifest import ArtifactRecord, Manifest, StageRecord
-from sfr_export.stages.common import Precision
+from sfr_export.artifact import ArtifactRecord, Manifest, StageRecord
+from sfr_export.artifact import Precision
 from sfr_export.stages.engine import EngineConfig, GpuEnvironment, probe_environment, run_engine
 
 NO_TRT = not probe_environment().ok

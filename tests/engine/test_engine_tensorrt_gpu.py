@@ -22,7 +22,7 @@ def engine_dir(tmp_path_factory):
 
     from tests.conftest import exported
 
-    from sfr_export.stages.common import Precision
+    from sfr_export.artifact import Precision
     from sfr_export.stages.engine import EngineConfig, ShapeRange, run_engine
 
     src = exported(tmp_path_factory, "demo:tiny-mistral", "fp16")
@@ -35,7 +35,7 @@ def engine_dir(tmp_path_factory):
 
 
 def test_engine_matches_onnxruntime_and_splits_batches(engine_dir):
-    from sfr_export.manifest import Manifest
+    from sfr_export.artifact import Manifest
     from sfr_export.runtime.ort_runner import OrtRunner
     from sfr_export.runtime.tensorrt_runner import TensorRTRunner
     from sfr_export.stages.export import compare_rows
@@ -60,7 +60,7 @@ def test_sidecar_and_threads(engine_dir):
     import json
     import threading
 
-    from sfr_export.manifest import Manifest
+    from sfr_export.artifact import Manifest
     from sfr_export.runtime.tensorrt_runner import TensorRTRunner
 
     side = json.loads((engine_dir / "engine" / "fp16" / "model.plan.json").read_text())
@@ -83,7 +83,7 @@ def test_corrupt_engine_and_other_version_are_clear_errors(engine_dir, tmp_path)
     import shutil
 
     from sfr_export.errors import EngineError
-    from sfr_export.manifest import Manifest
+    from sfr_export.artifact import Manifest
     from sfr_export.runtime.tensorrt_runner import TensorRTRunner
     from sfr_export.stages.engine import EngineSidecar
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfr_export.manifest import ArtifactRecord, Manifest, StageRecord
+from sfr_export.artifact import ArtifactRecord, Manifest, StageRecord
 
 HERE = Path(__file__).parent
 

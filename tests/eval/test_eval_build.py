@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 
 from eval_clirun import run_cli
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 
 from eval_clirun import CliResult, run_cli
 

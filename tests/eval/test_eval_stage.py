@@ -8,7 +8,7 @@ import pytest
 
 from sfr_export.errors import UserInputError
 from sfr_export.eval.compare import expand_candidates, resolve_backend
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 from sfr_export.stages.verify import VerifyConfig, run_verify
 
 

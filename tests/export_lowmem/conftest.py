@@ -38,7 +38,7 @@ def meta_trace(tiny):
 
     Tests must leave it as they found it (mapping is read-only; temporary edits are undone).
     """
-    from sfr_export.stages.common import Precision
+    from sfr_export.artifact import Precision
     from sfr_export.stages.lowmem_export import (SafetensorsIndex, build_meta_wrapper, optimize_without_weights,
                                                  trace_graph)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sfr_export.errors import ExportValidationError, ModelLoadError
-from sfr_export.stages.common import Precision
+from sfr_export.artifact import Precision
 from sfr_export.stages.lowmem_export import (SafetensorsIndex, _recompute_buffer, _source_key, build_meta_wrapper,
                                              check_checkpoint, map_initializers)
 

@@ -15,7 +15,7 @@ from sfr_export.finetune.distributed import DistInfo
 from sfr_export.finetune.step import EmbeddingModel, Tokenizers, collate, contrastive_step
 from sfr_export.finetune.sampler import TaskBatchSampler
 from sfr_export.finetune.train import train
-from sfr_export.manifest import sha256_file
+from sfr_export.artifact import sha256_file
 from sfr_export.models import load_backbone, load_tokenizer
 from sfr_export.models.loading import resolve_model
 from sfr_export.runtime.embedder import embedder_for_model

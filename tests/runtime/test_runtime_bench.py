@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sfr_export.bench import BenchConfig, Candidate, find_candidates
+from sfr_export.artifact import Artifact
+from sfr_export.bench import BenchConfig, label, parse_candidate
 from sfr_export.errors import UserInputError
 
 
@@ -35,14 +36,17 @@ def test_bench_command_writes_json_png_and_ratios(tiny_artifact: Path, tmp_path:
 
 
 def test_candidates_follow_the_manifest(tiny_artifact: Path) -> None:
-    labels = [c.label for c in find_candidates(tiny_artifact)]
+    labels = [label(c) for c in Artifact.open(tiny_artifact).candidates(runnable_only=True)]
     assert labels[:3] == ["torch fp32", "ort fp32", "ort fp16"]
     assert "tensorrt" not in " ".join(labels)  # no engine stage in this artifact
 
 
-def test_bench_config_and_candidate_validation() -> None:
+def test_bench_config_and_candidate_validation(tiny_artifact: Path) -> None:
+    art = Artifact.open(tiny_artifact)
     with pytest.raises(UserInputError):
         BenchConfig(batch_sizes=(0,))
-    with pytest.raises(UserInputError):
-        Candidate.parse("jax:fp32")
-    assert Candidate.parse("onnxruntime:int8-cpu").label == "ort int8-cpu"
+    with pytest.raises(UserInputError, match="must look like"):
+        parse_candidate("jax:fp32", art)
+    with pytest.raises(UserInputError, match="no 'int8-cpu' ONNX variant"):
+        parse_candidate("onnxruntime:int8-cpu", art)  # refused before any process starts
+    assert label(parse_candidate("onnxruntime:fp16", art)) == "ort fp16"

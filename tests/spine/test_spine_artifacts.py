@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sfr_export.errors import ArtifactError, ChecksumMismatchError, UserInputError
-from sfr_export.manifest import Manifest, atomic_path
+from sfr_export.artifact import Manifest, atomic_path
 from sfr_export.models import resolve_model
 from sfr_export.runtime import Embedder
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfr_export.errors import ExportValidationError
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 from sfr_export.models import load_tokenizer, resolve_model
 from sfr_export.runtime import Embedder
 from sfr_export.runtime.torch_runner import TorchRunner

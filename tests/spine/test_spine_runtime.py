@@ -3,7 +3,7 @@ import onnxruntime as ort
 import pytest
 
 from sfr_export.errors import BackendUnavailableError, UserInputError
-from sfr_export.manifest import Manifest
+from sfr_export.artifact import Manifest
 from sfr_export.runtime import Embedder
 from sfr_export.runtime.ort_runner import OrtRunner, check_providers
 

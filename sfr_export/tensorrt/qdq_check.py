@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 LINEAR_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}  # op -> index of the weight input

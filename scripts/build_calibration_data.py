@@ -1,6 +1,6 @@
 """Rebuild the shipped calibration texts in ``calibration/data/`` from ``../shared/data`` (run once, committed).
 
-    python calibration/build_data.py [DATA_DIR]
+    python scripts/build_calibration_data.py [DATA_DIR]
 
 Only license-compatible sources are used (see CREDITS.md); every fidelity-test text is excluded here AND refused
 again at calibration time by the hash guard (``sfr_export.quant.leakage``). Deterministic: a fixed seed.
@@ -14,7 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "calibration"
 SEED = 20241130
 MAX_CHARS = 1200  # keep passages short enough to ship; the tokenizer truncates anyway
 
