@@ -38,8 +38,10 @@ def test_auto_picks_onnxruntime_fp32_on_cpu_and_says_why(tiny_artifact: Path, ca
 def test_unknown_backend_and_variant_are_typed_errors(tiny_artifact: Path) -> None:
     with pytest.raises(UserInputError, match="unknown backend"):
         Embedder.from_artifact(tiny_artifact, backend="tensorflow")
-    with pytest.raises(ArtifactError, match="no 'int4' ONNX variant"):
+    with pytest.raises(UserInputError, match="unknown variant 'int4'"):
         Embedder.from_artifact(tiny_artifact, variant="int4")
+    with pytest.raises(ArtifactError, match="no 'int8-cpu' ONNX variant"):
+        Embedder.from_artifact(tiny_artifact, variant="int8-cpu")
 
 
 def test_checksum_mismatch_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:

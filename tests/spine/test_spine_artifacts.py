@@ -66,17 +66,18 @@ def test_output_dir_of_another_model_is_refused(tiny_artifact):
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tiny_artifact, tmp_path):
-    cases = [
-        (["export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
-        (["export", "--model", "demo:nope", "--output", str(tmp_path / "o")], "unknown demo model"),
-        (["export", "--model", "demo:tiny-mistral", "--precision", "int4", "--output", str(tmp_path / "o")], "unknown precision"),
-        (["export", "--model", "demo:minilm", "--output", str(tiny_artifact)], "holds artifacts of model"),
-        (["embed", str(tiny_artifact), ""], "empty"),
-        (["inspect", str(tmp_path)], "no manifest.json"),
+    cases = [  # (args, the words naming the problem, exit code: 2 usage/input, 3 artifact)
+        (["export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist", 2),
+        (["export", "--model", "demo:nope", "--output", str(tmp_path / "o")], "unknown demo model", 2),
+        (["export", "--model", "demo:tiny-mistral", "--precision", "int4", "--output", str(tmp_path / "o")],
+         "'int4' is not one of", 2),
+        (["export", "--model", "demo:minilm", "--output", str(tiny_artifact)], "holds artifacts of model", 2),
+        (["embed", str(tiny_artifact), ""], "empty", 2),
+        (["inspect", str(tmp_path)], "no manifest.json", 3),
     ]
-    for args, needle in cases:
+    for args, needle, code in cases:
         r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
+        assert r.returncode == code, (args, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1
@@ -88,7 +89,7 @@ def test_cli_corrupt_onnx_data_file(tiny_artifact, tmp_path):
     p = m.artifact_path("export:fp16", "onnx")
     p.write_bytes(p.read_bytes()[:1000])
     r = run_cli("embed", str(d), "hello", "--variant", "fp16")
-    assert r.returncode == 2 and "truncated" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 3 and "truncated" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_export_embed_inspect_and_resume(tmp_path):
