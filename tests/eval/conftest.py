@@ -39,8 +39,9 @@ max_per_label = 6
 """
 
 
-def add_noisy_variant(root: Path, name: str = "noisy", scale: float = 0.5, seed: int = 0) -> None:
-    """Record an ONNX variant whose weights carry real noise: a genuinely unfaithful candidate."""
+def add_noisy_variant(root: Path, name: str = "int8-cpu", scale: float = 0.5, seed: int = 0) -> None:
+    """Record an ONNX variant whose weights carry real noise (as the ``int8-cpu`` variant): a genuinely unfaithful
+    candidate."""
     import onnx
     from onnx import numpy_helper
 
@@ -56,7 +57,7 @@ def add_noisy_variant(root: Path, name: str = "noisy", scale: float = 0.5, seed:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out))
     m = Manifest.load(root)
-    m.record(StageRecord(stage="export", name=f"export:{name}", config={"variant": name, "precision": "fp32"},
+    m.record(StageRecord(stage="calibrate", name=f"calibrate:{name}", config={"variant": name}, variant=name,
                          artifacts=[ArtifactRecord.of(root, out, "onnx")]))
 
 

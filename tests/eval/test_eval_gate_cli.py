@@ -23,7 +23,7 @@ def ref_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def failing_run(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path, tmp_path_factory) -> tuple[CliResult, Path]:
     out = tmp_path_factory.mktemp("fail")
-    res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,noisy,tensorrt,int8",
+    res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,int8-cpu,tensorrt,int8",
                   "--cache-dir", ref_cache_dir, "--junit", out / "junit.xml", "--report-dir", out)
     return res, out
 
@@ -44,13 +44,13 @@ def test_gate_fails_with_exit_1_naming_worst_task_and_candidate(failing_run) -> 
     res, out = failing_run
     assert res.code == 1
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "fidelity gate failed: noisy on " in lines[0]
+    assert len(lines) == 1 and "fidelity gate failed: int8-cpu on " in lines[0]
     rep = report(out)
     assert rep["gate"]["passed"] is False and rep["gate"]["reason"] in lines[0]
     by_name = {c["name"]: c for c in rep["candidates"]}
-    assert by_name["noisy"]["passed"] is False and by_name["noisy"]["cosine"]["mean"] < 0.99
+    assert by_name["int8-cpu"]["passed"] is False and by_name["int8-cpu"]["cosine"]["mean"] < 0.99
     assert by_name["fp32"]["passed"] and by_name["fp16"]["passed"]
-    worst_task = rep["gate"]["reason"].split("noisy on ")[1].split(":")[0]
+    worst_task = rep["gate"]["reason"].split("int8-cpu on ")[1].split(":")[0]
     assert worst_task in {t["name"] for t in rep["suite"]["tasks"]}
 
 
@@ -119,7 +119,7 @@ def test_markdown_is_short_and_html_self_contained(failing_run) -> None:
     out = failing_run[1]
     md = (out / "report.md").read_text(encoding="utf-8")
     assert md.startswith("## sfr-export verify: FAIL") and len(md.splitlines()) < 40
-    assert "| noisy | **FAIL**" in md and "skipped: " in md
+    assert "| int8-cpu | **FAIL**" in md and "skipped: " in md
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("<svg") == 3 + 1  # a histogram per evaluated candidate + the task-score bars
     for external in ("<script", "src=", "<link", "@import", "url("):
@@ -131,13 +131,13 @@ def test_junit_has_one_case_per_task_and_candidate(failing_run) -> None:
     root = ET.parse(failing_run[1] / "junit.xml").getroot()
     tasks = [t["name"] for t in rep["suite"]["tasks"]]
     suites = {s.get("name"): s for s in root.findall("testsuite")}
-    assert set(suites) == {f"verify.{n}" for n in ("fp32", "fp16", "noisy", "tensorrt", "int8")}
+    assert set(suites) == {f"verify.{n}" for n in ("fp32", "fp16", "int8-cpu", "tensorrt", "int8")}
     for name, s in suites.items():
         cases = s.findall("testcase")
         assert [c.get("name") for c in cases] == tasks + ["embedding-cosine"]
         assert int(s.get("tests")) == len(cases)
     assert all(c.find("skipped") is not None for c in suites["verify.tensorrt"].findall("testcase"))
-    assert int(suites["verify.noisy"].get("failures")) >= 1
+    assert int(suites["verify.int8-cpu"].get("failures")) >= 1
     assert int(suites["verify.fp32"].get("failures")) == 0 and int(suites["verify.fp32"].get("skipped")) == 0
     assert int(root.get("tests")) == 5 * (len(tasks) + 1)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sfr_export.errors import UserInputError
-from sfr_export.eval.compare import expand_candidates, resolve_backend
-from sfr_export.artifact import Manifest
+from sfr_export.artifact import Artifact, Backend, Precision
+from sfr_export.eval.compare import expand_candidates
 from sfr_export.stages.verify import VerifyConfig, run_verify
 
 
@@ -26,13 +26,15 @@ def test_time_budget_drops_the_tasks_the_reference_cannot_reach(eval_artifact: P
 
 
 def test_candidate_resolution(eval_artifact: Path) -> None:
-    m = Manifest.load(eval_artifact)
-    assert expand_candidates(m, None) == ["fp32", "fp16", "noisy"]
-    assert expand_candidates(m, ("onnx", "tensorrt")) == ["fp32", "fp16", "noisy", "tensorrt"]
-    fp16 = resolve_backend(m, "fp16")
-    assert not isinstance(fp16, str) and (fp16.backend, fp16.precision) == ("onnxruntime", "fp16")
-    assert "no TensorRT engine" in resolve_backend(m, "tensorrt")
-    assert "no 'int8' ONNX variant" in resolve_backend(m, "int8")
+    art = Artifact.open(eval_artifact)
+    assert expand_candidates(art, None) == ["fp32", "fp16", "int8-cpu"]
+    assert expand_candidates(art, ("onnx", "tensorrt")) == ["fp32", "fp16", "int8-cpu", "tensorrt"]
+    fp16 = art.resolve("fp16")
+    assert not isinstance(fp16, str) and (fp16.backend, fp16.precision) == (Backend.ONNXRUNTIME, Precision.FP16)
+    assert "no TensorRT engine" in art.resolve("tensorrt")
+    assert "no 'int8' ONNX variant" in art.resolve("int8")
+    with pytest.raises(UserInputError, match="unknown candidate 'int4'"):  # a typo is refused before any work
+        expand_candidates(art, ("fp32", "int4"))
 
 
 def test_config_validation(tmp_path: Path) -> None:
