@@ -23,7 +23,6 @@ _EXTRAS: dict[str, str] = {
     "matplotlib": "dev",
     "gguf": "demo",
     "mistral_common": "demo",
-    "polygraphy": "gpu",
 }
 
 

@@ -22,6 +22,7 @@ from ..errors import ArtifactError, BackendUnavailableError, EngineError, Missin
 from ..artifact import Artifact, Backend, Candidate, Precision, Variant
 from ..artifact.layout import TOKENIZER_DIR
 from ..runtime.embedder import Embedder
+from ..vectors import row_cosine
 from ..spec import ModelSpec
 from ..tokenization import TextTokenizer
 from .cache import ReferenceCache, ids_key, model_key
@@ -107,12 +108,6 @@ def expand_candidates(art: Artifact, requested: tuple[str, ...] | None) -> list[
 def open_backend(root: Path, cand: Candidate, *, batch_size: int, max_batch_tokens: int | None) -> Embedder:
     return Embedder.from_artifact(root, backend=cand.backend, variant=cand.variant, batch_size=batch_size,
                                   max_batch_tokens=max_batch_tokens)
-
-
-def cosine_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    r = ref.astype(np.float64)
-    c = cand.astype(np.float64)
-    return (r * c).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1), 1e-12)
 
 
 def cosine_stats(cos: np.ndarray) -> dict[str, float]:
@@ -242,7 +237,7 @@ def _run_candidate(art: Artifact, name: str, tasks: list[TaskInputs], ref_emb: l
         for ti, ref in zip(tasks, ref_emb):
             say(f"{name}: {ti.entry.name} ({len(ti.ids)} inputs)")
             cand = _embed(emb, ti, settings)
-            cos = cosine_rows(ref, cand)
+            cos = row_cosine(ref, cand)
             all_cos.append(cos)
             task_cos[ti.entry.name] = cosine_stats(cos)
             for i in np.argsort(cos)[: settings.worst_k]:
@@ -278,7 +273,7 @@ def anisotropy(embs: list[np.ndarray], pairs: int = 4000, seed: int = 0) -> floa
     rng = np.random.default_rng(seed)
     i = rng.integers(0, len(x), pairs)
     j = (i + rng.integers(1, len(x), pairs)) % len(x)
-    return float(cosine_rows(x[i], x[j]).mean())
+    return float(row_cosine(x[i], x[j]).mean())
 
 
 def histogram(cos: np.ndarray, bins: int = 20) -> dict[str, list[float]]:

@@ -175,23 +175,43 @@ def load_for_check(path: Path) -> Any:
 
 def check_qdq(model: str | Path | Any, config: QdqCheckConfig = QdqCheckConfig(), *, base_dir: Path | None = None) -> QdqReport:
     """Check a model (path or ModelProto) against TensorRT's explicit-quantization rules."""
-    if isinstance(model, (str, Path)):
-        label = str(model)
-        base_dir = Path(model).parent
-        model = load_for_check(Path(model))
-    else:
-        import onnx
-
-        label = model.graph.name or "<model>"
-        try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:  # best effort, as above
-            pass
+    label, model, base_dir = _load(model, base_dir)
     g = _Graph(model, base_dir)
     report = QdqReport(model=label)
     v = report.violations
+    _check_domains(g, v)
+    qs = [n for n in g.nodes if n.op_type == "QuantizeLinear" and n.domain in STANDARD_DOMAINS]
+    dqs = [n for n in g.nodes if n.op_type == "DequantizeLinear" and n.domain in STANDARD_DOMAINS]
+    stats = {"quantize": len(qs), "dequantize": len(dqs), "linear": sum(n.op_type in LINEAR_OPS for n in g.nodes),
+             "weight_dq": 0, "activation_dq": 0, "quantized_linear": 0, "per_channel_weights": 0}
+    if config.require_quantized_nodes and not qs and not dqs:
+        v.append(Violation("empty", label, "no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized model"))
+    for n in qs + dqs:
+        _check_qparams(g, n, v)
+    for q in qs:
+        _check_quantize(g, q, v)
+    quantized_linear: set[str] = set()
+    for dq in dqs:
+        _check_dequantize(g, dq, config, report, stats, quantized_linear)
+    stats["quantized_linear"] = len(quantized_linear)
+    report.stats = stats
+    return report
 
-    # Domains and QOperator ops.
+
+def _load(model: str | Path | Any, base_dir: Path | None) -> tuple[str, Any, Path | None]:
+    if isinstance(model, (str, Path)):
+        return str(model), load_for_check(Path(model)), Path(model).parent
+    import onnx
+
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # best effort: the checks that need types skip tensors without one
+        pass
+    return model.graph.name or "<model>", model, base_dir
+
+
+def _check_domains(g: _Graph, v: list[Violation]) -> None:
+    """Standard ONNX ops only, and no QOperator forms."""
     for n in g.nodes:
         if n.domain not in STANDARD_DOMAINS:
             v.append(Violation("domain", _label(n), f"operator {n.domain}::{n.op_type} is not a standard ONNX op; "
@@ -200,69 +220,65 @@ def check_qdq(model: str | Path | Any, config: QdqCheckConfig = QdqCheckConfig()
             v.append(Violation("qoperator", _label(n), f"{n.op_type} is the QOperator form; TensorRT needs "
                                "QuantizeLinear/DequantizeLinear around a float MatMul/Gemm"))
 
-    qs = [n for n in g.nodes if n.op_type == "QuantizeLinear" and n.domain in STANDARD_DOMAINS]
-    dqs = [n for n in g.nodes if n.op_type == "DequantizeLinear" and n.domain in STANDARD_DOMAINS]
-    linear = [n for n in g.nodes if n.op_type in LINEAR_OPS]
-    stats = {"quantize": len(qs), "dequantize": len(dqs), "linear": len(linear), "weight_dq": 0, "activation_dq": 0,
-             "quantized_linear": 0, "per_channel_weights": 0}
-    if config.require_quantized_nodes and not qs and not dqs:
-        v.append(Violation("empty", label, "no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized model"))
 
-    for n in qs + dqs:
-        _check_zero_point(g, n, v)
-        _check_scale(g, n, v)
-        if _attr(n, "block_size", 0):
-            v.append(Violation("block", _label(n), f"block_size={_attr(n, 'block_size')}: TensorRT supports block "
-                               "quantization only for 4-bit weights, int8 must be per-tensor or per-channel"))
+def _check_qparams(g: _Graph, n: Any, v: list[Violation]) -> None:
+    _check_zero_point(g, n, v)
+    _check_scale(g, n, v)
+    if _attr(n, "block_size", 0):
+        v.append(Violation("block", _label(n), f"block_size={_attr(n, 'block_size')}: TensorRT supports block "
+                           "quantization only for 4-bit weights, int8 must be per-tensor or per-channel"))
 
-    # Quantize nodes: float input, not an index/mask tensor, output consumed by DequantizeLinear only.
-    for q in qs:
-        x = q.input[0]
-        dtype = g.types.get(x)
-        if dtype in INT_TYPES:
-            v.append(Violation("integer-tensor", _label(q), f"quantizes {x!r} of type {_TYPE_NAMES.get(dtype, dtype)}: "
-                               "ids, positions, shapes and masks must stay integer"))
-        prod = g.producer.get(x)
-        if prod is not None and prod.op_type == "Cast" and g.types.get(prod.input[0]) in INT_TYPES:
-            v.append(Violation("integer-tensor", _label(q), f"quantizes {x!r}, a cast of the integer tensor "
-                               f"{prod.input[0]!r} (mask/index); keep it out of Q/DQ"))
-        for c, _ in g.consumers.get(q.output[0], []):
-            if c.op_type != "DequantizeLinear":
-                v.append(Violation("placement", _label(q), f"QuantizeLinear output feeds {c.op_type} ({_label(c)}); "
-                                   "TensorRT needs every Q followed by its DQ"))
 
-    # Dequantize nodes: where do they go, and (for weights) on which axis?
-    quantized_linear: set[str] = set()
-    for dq in dqs:
-        src = dq.input[0]
-        src_prod = g.producer.get(src)
-        weight_name = None
-        if g.is_const(src):
-            weight_name = src
-        elif src_prod is not None and src_prod.op_type == "QuantizeLinear" and g.is_const(src_prod.input[0]):
-            weight_name = src_prod.input[0]  # Q(fp weight) -> DQ: TensorRT quantizes the weight at build time
-        in_dtype = g.types.get(src) or (g.const_dtype(src) if g.is_const(src) else None)
-        if in_dtype is not None and in_dtype in INT_TYPES and in_dtype not in (INT8, UINT8):
-            v.append(Violation("integer-tensor", _label(dq), f"dequantizes {src!r} of type {_TYPE_NAMES.get(in_dtype, in_dtype)}; "
-                               "only int8 Q/DQ is TensorRT's int8 path"))
-        targets = _follow(g, dq.output[0])
-        if not targets:
+def _check_quantize(g: _Graph, q: Any, v: list[Violation]) -> None:
+    """A float input that is not an index/mask tensor; the output consumed by DequantizeLinear only."""
+    x = q.input[0]
+    dtype = g.types.get(x)
+    if dtype in INT_TYPES:
+        v.append(Violation("integer-tensor", _label(q), f"quantizes {x!r} of type {_TYPE_NAMES.get(dtype, dtype)}: "
+                           "ids, positions, shapes and masks must stay integer"))
+    prod = g.producer.get(x)
+    if prod is not None and prod.op_type == "Cast" and g.types.get(prod.input[0]) in INT_TYPES:
+        v.append(Violation("integer-tensor", _label(q), f"quantizes {x!r}, a cast of the integer tensor "
+                           f"{prod.input[0]!r} (mask/index); keep it out of Q/DQ"))
+    for c, _ in g.consumers.get(q.output[0], []):
+        if c.op_type != "DequantizeLinear":
+            v.append(Violation("placement", _label(q), f"QuantizeLinear output feeds {c.op_type} ({_label(c)}); "
+                               "TensorRT needs every Q followed by its DQ"))
+
+
+def _weight_of(g: _Graph, dq: Any) -> str | None:
+    """The constant weight behind a DequantizeLinear (directly, or through Q(fp weight)), else None."""
+    src = dq.input[0]
+    if g.is_const(src):
+        return src
+    prod = g.producer.get(src)
+    if prod is not None and prod.op_type == "QuantizeLinear" and g.is_const(prod.input[0]):
+        return prod.input[0]  # Q(fp weight) -> DQ: TensorRT quantizes the weight at build time
+    return None
+
+
+def _check_dequantize(g: _Graph, dq: Any, config: QdqCheckConfig, report: QdqReport, stats: dict[str, int],
+                      quantized_linear: set[str]) -> None:
+    """Where a DequantizeLinear goes and, for a weight, on which axis its scales are."""
+    v = report.violations
+    src = dq.input[0]
+    weight_name = _weight_of(g, dq)
+    in_dtype = g.types.get(src) or (g.const_dtype(src) if g.is_const(src) else None)
+    if in_dtype is not None and in_dtype in INT_TYPES and in_dtype not in (INT8, UINT8):
+        v.append(Violation("integer-tensor", _label(dq), f"dequantizes {src!r} of type {_TYPE_NAMES.get(in_dtype, in_dtype)}; "
+                           "only int8 Q/DQ is TensorRT's int8 path"))
+    for consumer, idx, perm in _follow(g, dq.output[0]):
+        if consumer.op_type not in LINEAR_OPS:
+            kind = "weight" if weight_name else "activation"
+            v.append(Violation("placement", _label(dq), f"{kind} DequantizeLinear feeds {consumer.op_type} "
+                               f"({_label(consumer)}); TensorRT fuses Q/DQ only at MatMul/Gemm/Conv inputs"))
             continue
-        for consumer, idx, perm in targets:
-            if consumer.op_type not in LINEAR_OPS:
-                kind = "weight" if weight_name else "activation"
-                v.append(Violation("placement", _label(dq), f"{kind} DequantizeLinear feeds {consumer.op_type} "
-                                   f"({_label(consumer)}); TensorRT fuses Q/DQ only at MatMul/Gemm/Conv inputs"))
-                continue
-            quantized_linear.add(_label(consumer))
-            if weight_name is not None:
-                stats["weight_dq"] += 1
-                _check_weight_axis(g, dq, consumer, idx, perm, weight_name, config, v, stats, report.warnings)
-            else:
-                stats["activation_dq"] += 1
-    stats["quantized_linear"] = len(quantized_linear)
-    report.stats = stats
-    return report
+        quantized_linear.add(_label(consumer))
+        if weight_name is not None:
+            stats["weight_dq"] += 1
+            _check_weight_axis(g, dq, consumer, idx, perm, weight_name, config, v, stats, report.warnings)
+        else:
+            stats["activation_dq"] += 1
 
 
 def _follow(g: _Graph, tensor: str) -> list[tuple[Any, int, list[int] | None]]:

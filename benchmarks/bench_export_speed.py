@@ -9,7 +9,7 @@ load. Reports the median seconds, tokens/s and the ORT / torch ratio, and the mi
 
 Everything runs while holding ``/tmp/sfr-heavy.lock`` (about 6 GB: the fp32 torch model and the ORT session).
 
-    python benchmarks/bench_spine_speed.py                    # batch 8 x seq 128, 2 warm-up + 7 timed runs each
+    python benchmarks/bench_export_speed.py                    # batch 8 x seq 128, 2 warm-up + 7 timed runs each
 """
 
 from __future__ import annotations
