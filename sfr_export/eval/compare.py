@@ -147,35 +147,49 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
             on_progress: Callable[[str], None] | None = None) -> Comparison:
     say = on_progress or (lambda _msg: None)
     t_start = time.perf_counter()
-    root = Path(root)
     art = Artifact.open(root)
-    manifest = art.manifest
     spec = art.spec()
     cache = cache or ReferenceCache(enabled=False)
     names = expand_candidates(art, settings.candidates)
     ref_choice = art.resolve(settings.reference)
     if isinstance(ref_choice, str):
         raise BackendUnavailableError(f"reference '{settings.reference}' cannot run: {ref_choice}")
-
     say("loading suite data")
     ddir = suite.data_dir(data_dir)
     loaded = suite.load(data_dir)
     t0 = time.perf_counter()
-    tok = TextTokenizer.from_dir(root / TOKENIZER_DIR, spec)
+    tok = TextTokenizer.from_dir(art.root / TOKENIZER_DIR, spec)
     tasks = [tokenize_task(tok, spec, e, prepare(t)) for e, t in loaded]
     t_tok = time.perf_counter() - t0
-
-    # ---- reference pass ----
-    mkey = model_key(str(manifest.model.get("fingerprint")), spec.to_dict(), describe(ref_choice))
     share = None
     if settings.time_budget_s is not None:  # the reference's share: it and each runnable candidate cost about alike
-        runnable = sum(not isinstance(art.resolve(n), str) for n in names)
-        share = settings.time_budget_s / (1 + runnable)
+        share = settings.time_budget_s / (1 + sum(not isinstance(art.resolve(n), str) for n in names))
+    t0 = time.perf_counter()
+    kept, ref_emb, dropped = _reference_pass(art, ref_choice, tasks, settings, cache, share, say)
+    t_ref = time.perf_counter() - t0
+    ref_scores = {ti.entry.name: score(ti.task, ti.groups(e), clustering=ti.entry.clustering)
+                  for ti, e in zip(kept, ref_emb)}
+    ref_info = {**describe(ref_choice), "seconds": t_ref, "cache": cache.describe(),
+                "inputs": int(sum(len(ti.ids) for ti in kept)), "anisotropy": anisotropy(ref_emb)}
+    result = Comparison(suite=suite, data_dir=ddir, tasks=kept, dropped=dropped, reference=ref_info,
+                        reference_scores=ref_scores)
+    for name in names:
+        result.candidates.append(_run_candidate(art, name, kept, ref_emb, ref_scores, settings, say))
+    result.timing = {"tokenize_seconds": t_tok, "reference_seconds": t_ref,
+                     "total_seconds": time.perf_counter() - t_start}
+    return result
+
+
+def _reference_pass(art: Artifact, ref_choice: Candidate, tasks: list[TaskInputs], settings: CompareSettings,
+                    cache: ReferenceCache, share: float | None, say: Callable[[str], None],
+                    ) -> tuple[list[TaskInputs], list[np.ndarray], list[tuple[str, str]]]:
+    """The reference's embeddings of each task (from the cache when it has them); tasks past the time share drop."""
+    mkey = model_key(str(art.manifest.model.get("fingerprint")), art.spec().to_dict(), describe(ref_choice))
+    kept: list[TaskInputs] = []
     ref_emb: list[np.ndarray] = []
     dropped: list[tuple[str, str]] = []
     reference: Embedder | None = None
     t0 = time.perf_counter()
-    kept: list[TaskInputs] = []
     try:
         for ti in tasks:
             if share is not None and kept and time.perf_counter() - t0 > share:
@@ -186,7 +200,7 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
             if arr is None:
                 if reference is None:
                     say(f"opening reference {ref_choice.name}")
-                    reference = open_backend(root, ref_choice, batch_size=settings.batch_size,
+                    reference = open_backend(art.root, ref_choice, batch_size=settings.batch_size,
                                              max_batch_tokens=settings.max_batch_tokens)
                 say(f"reference: {ti.entry.name} ({len(ti.ids)} inputs)")
                 arr = _embed(reference, ti, settings)
@@ -196,20 +210,7 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     finally:
         if reference is not None:
             reference.close()
-    t_ref = time.perf_counter() - t0
-    ref_scores = {ti.entry.name: score(ti.task, ti.groups(e), clustering=ti.entry.clustering)
-                  for ti, e in zip(kept, ref_emb)}
-    ref_info = {**describe(ref_choice), "seconds": t_ref, "cache": cache.describe(),
-                "inputs": int(sum(len(ti.ids) for ti in kept)), "anisotropy": anisotropy(ref_emb)}
-    result = Comparison(suite=suite, data_dir=ddir, tasks=kept, dropped=dropped, reference=ref_info,
-                        reference_scores=ref_scores)
-
-    # ---- candidates ----
-    for name in names:
-        result.candidates.append(_run_candidate(art, name, kept, ref_emb, ref_scores, settings, say))
-    result.timing = {"tokenize_seconds": t_tok, "reference_seconds": t_ref,
-                     "total_seconds": time.perf_counter() - t_start}
-    return result
+    return kept, ref_emb, dropped
 
 
 def _run_candidate(art: Artifact, name: str, tasks: list[TaskInputs], ref_emb: list[np.ndarray],

@@ -169,86 +169,131 @@ def _progress(total: int, enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
 
 
+@dataclass
+class _Job:
+    """Everything one training run holds: data, model, optimizer, and the counters of the loop."""
+
+    cfg: FinetuneConfig
+    info: DistInfo
+    resolved: Any
+    examples: list[Example]
+    sampler: TaskBatchSampler
+    peft_model: Any
+    model: Any
+    toks: Any
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    identity: dict[str, Any]
+    examples_seen: int = 0
+    tokens_seen: int = 0
+
+
 def train(cfg: FinetuneConfig, *, info: DistInfo | None = None) -> TrainResult:
     """Run (or resume) a fine-tuning job described by ``cfg``; write the adapter, the merged model and a record."""
-    from ..models import load_tokenizer
-    from ..models.loading import resolve_model
     from .output import write_outputs
 
     info = info or init_from_env()
     t_start = time.time()
+    job = _setup(cfg, info)
+    step = _resume(job)
+    result = TrainResult(output=Path(cfg.train.output), steps=step, resumed_from=step or None)
+    t_loop = time.time()
+    with _progress(cfg.train.steps, info.is_main) as prog:
+        bar = prog.add_task("train", total=cfg.train.steps, completed=step, loss=float("nan"), eps=0.0, tps=0.0)
+        while step < cfg.train.steps:
+            step += 1
+            result.losses.append(_train_step(job, step))
+            elapsed = max(time.time() - t_loop, 1e-9)
+            prog.update(bar, completed=step, loss=result.losses[-1], eps=job.examples_seen / elapsed,
+                        tps=job.tokens_seen / elapsed)
+            _log_and_checkpoint(job, step, result.losses[-1], elapsed)
+    result.steps = step
+    elapsed = max(time.time() - t_loop, 1e-9)
+    result.examples_per_s, result.tokens_per_s = job.examples_seen / elapsed, job.tokens_seen / elapsed
+    with full_params(job.model):
+        if info.is_main:
+            _save(job, step)
+            result.seconds = time.time() - t_start
+            write_outputs(result.output, job.peft_model, job.resolved, cfg, result)
+    barrier(info)
+    return result
+
+
+def _setup(cfg: FinetuneConfig, info: DistInfo) -> _Job:
+    from ..models import load_tokenizer
+    from ..models.loading import resolve_model
+
     resolved = resolve_model(cfg.model.base, revision=cfg.model.revision or None)
     examples = load_examples(cfg)
     sampler = TaskBatchSampler(tasks_of(examples), cfg.sampler.batch_size, weights=cfg.sampler.weights,
                                seed=cfg.sampler.seed, homogeneous=cfg.sampler.homogeneous)
     if cfg.sampler.batch_size % info.world:
         raise TrainingError(f"sampler.batch_size {cfg.sampler.batch_size} is not a multiple of the {info.world} processes")
-    output = Path(cfg.train.output)
     random.seed(cfg.train.seed)
     peft_model = build_lora_model(resolved.local_dir, cfg, info.device)
-    spec = resolved.spec
-    toks = Tokenizers.make(load_tokenizer(resolved.local_dir), spec, cfg.data.max_query_length, cfg.data.max_doc_length)
-    model = wrap_model(EmbeddingModel(peft_model, spec), info, fsdp=cfg.train.fsdp)
+    toks = Tokenizers.make(load_tokenizer(resolved.local_dir), resolved.spec, cfg.data.max_query_length,
+                           cfg.data.max_doc_length)
+    model = wrap_model(EmbeddingModel(peft_model, resolved.spec), info, fsdp=cfg.train.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
-    identity = _identity(cfg, resolved.fingerprint)
-    step = 0
-    resumed_from = None
-    ckpt = latest_checkpoint(output) if cfg.train.resume else None
-    if ckpt is not None and cfg.train.fsdp and info.enabled:
+    return _Job(cfg, info, resolved, examples, sampler, peft_model, model, toks, params, optimizer, scheduler,
+                _identity(cfg, resolved.fingerprint))
+
+
+def _resume(job: _Job) -> int:
+    """The step to start from: the latest checkpoint's when ``train.resume``, else 0."""
+    cfg = job.cfg
+    ckpt = latest_checkpoint(Path(cfg.train.output)) if cfg.train.resume else None
+    if ckpt is None:
+        return 0
+    if cfg.train.fsdp and job.info.enabled:
         raise TrainingError(f"resuming under FSDP is not supported (optimizer state is sharded): {ckpt} exists; "
                             "use DDP to resume, or set train.resume = false")
-    if ckpt is not None:
-        step = resumed_from = load_checkpoint(ckpt, peft_model, optimizer, scheduler, sampler, identity)
-        log.info("resumed from %s (step %d)", ckpt, step)
+    step = load_checkpoint(ckpt, job.peft_model, job.optimizer, job.scheduler, job.sampler, job.identity)
+    log.info("resumed from %s (step %d)", ckpt, step)
+    return step
+
+
+def _train_step(job: _Job, step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over processes."""
+    cfg, info = job.cfg, job.info
+    job.optimizer.zero_grad(set_to_none=True)
     autocast = use_bf16(cfg.train.bf16, info.device)
-    result = TrainResult(output=output, steps=step, resumed_from=resumed_from)
-    ex_count = tok_count = 0
-    t_loop = time.time()
-    with _progress(cfg.train.steps, info.is_main) as prog:
-        bar = prog.add_task("train", total=cfg.train.steps, completed=step, loss=float("nan"), eps=0.0, tps=0.0)
-        while step < cfg.train.steps:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(cfg.train.grad_accum):
-                sampled = sampler.next_batch()
-                batch = collate(examples, sampled.indices, spec=spec, loss=cfg.loss, step=sampled.step,
-                                seed=cfg.sampler.seed)
-                res = contrastive_step(model, batch, toks, cfg.loss, info, scale=1.0 / cfg.train.grad_accum,
-                                       sync=micro == cfg.train.grad_accum - 1, autocast=autocast)
-                step_loss += res.loss / cfg.train.grad_accum
-                ex_count += len(sampled.indices)
-                tok_count += res.tokens * info.world
-            if cfg.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            step_loss = all_reduce_mean(step_loss, info)
-            if not step_loss == step_loss or step_loss == float("inf"):
-                raise TrainingError(f"loss became {step_loss} at step {step}: lower train.learning_rate or check the data")
-            result.losses.append(step_loss)
-            elapsed = max(time.time() - t_loop, 1e-9)
-            prog.update(bar, completed=step, loss=step_loss, eps=ex_count / elapsed, tps=tok_count / elapsed)
-            if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                log.info("step %d/%d loss %.4f lr %.2e %.2f ex/s %.0f tok/s", step, cfg.train.steps, step_loss,
-                         scheduler.get_last_lr()[0], ex_count / elapsed, tok_count / elapsed)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                with full_params(model):
-                    if info.is_main:
-                        save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity,
-                                        cfg.train.keep_checkpoints)
-                barrier(info)
-    result.steps = step
-    elapsed = max(time.time() - t_loop, 1e-9)
-    result.examples_per_s, result.tokens_per_s = ex_count / elapsed, tok_count / elapsed
-    with full_params(model):
-        if info.is_main:
-            save_checkpoint(output, step, peft_model, optimizer, scheduler, sampler, identity,
-                            cfg.train.keep_checkpoints)
-            result.seconds = time.time() - t_start
-            write_outputs(output, peft_model, resolved, cfg, result)
-    barrier(info)
-    return result
+    step_loss = 0.0
+    for micro in range(cfg.train.grad_accum):
+        sampled = job.sampler.next_batch()
+        batch = collate(job.examples, sampled.indices, spec=job.resolved.spec, loss=cfg.loss, step=sampled.step,
+                        seed=cfg.sampler.seed)
+        res = contrastive_step(job.model, batch, job.toks, cfg.loss, info, scale=1.0 / cfg.train.grad_accum,
+                               sync=micro == cfg.train.grad_accum - 1, autocast=autocast)
+        step_loss += res.loss / cfg.train.grad_accum
+        job.examples_seen += len(sampled.indices)
+        job.tokens_seen += res.tokens * info.world
+    if cfg.train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(job.params, cfg.train.max_grad_norm)
+    job.optimizer.step()
+    job.scheduler.step()
+    step_loss = all_reduce_mean(step_loss, info)
+    if not step_loss == step_loss or step_loss == float("inf"):
+        raise TrainingError(f"loss became {step_loss} at step {step}: lower train.learning_rate or check the data")
+    return step_loss
+
+
+def _log_and_checkpoint(job: _Job, step: int, loss: float, elapsed: float) -> None:
+    cfg, info = job.cfg, job.info
+    if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+        log.info("step %d/%d loss %.4f lr %.2e %.2f ex/s %.0f tok/s", step, cfg.train.steps, loss,
+                 job.scheduler.get_last_lr()[0], job.examples_seen / elapsed, job.tokens_seen / elapsed)
+    if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+        with full_params(job.model):
+            if info.is_main:
+                _save(job, step)
+        barrier(info)
+
+
+def _save(job: _Job, step: int) -> None:
+    save_checkpoint(Path(job.cfg.train.output), step, job.peft_model, job.optimizer, job.scheduler, job.sampler,
+                    job.identity, job.cfg.train.keep_checkpoints)
