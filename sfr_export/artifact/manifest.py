@@ -8,6 +8,7 @@ Every stage appends a ``StageRecord`` under its name (``export:fp32``, ``calibra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -23,6 +24,11 @@ from .layout import LOCK_FILE, MANIFEST_FILE
 
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 had no base_files/failures and kept the variant inside config
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -79,17 +85,21 @@ class StageRecord:
     variant: Variant | None = None  # the ONNX variant this record wrote, if any
     created: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=library_versions)
+    config_sha256: str = ""  # of the config as recorded: the config (e.g. the ORT session config) is checked too
 
     def __post_init__(self) -> None:
         self.stage = StageKind.parse(self.stage)
         self.status = Status.parse(self.status)
         if self.variant is not None:
             self.variant = Variant.parse(self.variant)
+        if not self.config_sha256:
+            self.config_sha256 = config_digest(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stage"], d["status"] = self.stage.value, self.status.value
         d["variant"] = self.variant.value if self.variant else None
+        d["config_sha256"] = config_digest(self.config)  # as written: a later edit of the JSON is caught on load
         return d
 
     @classmethod
@@ -99,6 +109,11 @@ class StageRecord:
         if d.get("variant") is None and d.get("config", {}).get("variant") in {v.value for v in Variant}:
             d["variant"] = d["config"]["variant"]  # manifest version 1
         return cls(**d)
+
+    def verify_config(self, manifest_path: Path) -> None:
+        if self.config_sha256 != config_digest(self.config):
+            raise ChecksumMismatchError(f"{manifest_path}: the recorded config of stage '{self.name}' was edited "
+                                        "(its sha256 no longer matches); re-run the stage")
 
     def files(self, kind: str) -> list[ArtifactRecord]:
         return [a for a in self.artifacts if a.kind == kind]
@@ -221,6 +236,7 @@ class Manifest:
         rec = self.stage(stage_name)
         if rec is None:
             raise ArtifactError(f"{self.root} has no '{stage_name}' stage")
+        rec.verify_config(self.path_of(self.root))
         for a in rec.artifacts:
             a.verify(self.root)
 

@@ -49,11 +49,8 @@ class EngineConfig:
     exclude_lean_runtime: bool = False  # BuilderFlag.EXCLUDE_LEAN_RUNTIME: smaller plan, needs tensorrt_lean to run
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "precision", Precision.parse(str(getattr(self.precision, "value", self.precision))))
-        if isinstance(self.batch, dict):
-            object.__setattr__(self, "batch", ShapeRange(**self.batch))
-        if isinstance(self.seq, dict):
-            object.__setattr__(self, "seq", ShapeRange(**self.seq))
+        if not isinstance(self.precision, Precision):
+            raise TypeError(f"EngineConfig.precision must be a Precision, got {self.precision!r}")
         if not 0.0 < self.workspace_gib <= 1024:
             raise UserInputError(f"workspace must be in (0, 1024] GiB, got {self.workspace_gib}")
         if not 0 <= self.opt_level <= 5:
@@ -62,7 +59,15 @@ class EngineConfig:
             raise UserInputError("--exclude-lean-runtime only applies to --version-compatible engines")
 
     @classmethod
-    def for_spec(cls, spec: Any, *, precision: Precision | str = Precision.FP16, batch: str | None = None,
+    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+        """The inverse of ``to_dict`` (job files and manifest records)."""
+        d = dict(d)
+        d["precision"] = Precision.parse(d["precision"])
+        d["batch"], d["seq"] = ShapeRange(**d["batch"]), ShapeRange(**d["seq"])
+        return cls(**d)
+
+    @classmethod
+    def for_spec(cls, spec: Any, *, precision: Precision = Precision.FP16, batch: str | None = None,
                  seq: str | None = None, **kw: Any) -> "EngineConfig":
         """Profiles from ``--batch``/``--seq`` strings, defaulting to the model spec; refuses seq max > spec max."""
         b = ShapeRange.parse(batch, name="batch") if batch else default_batch()
@@ -70,7 +75,7 @@ class EngineConfig:
         if s.max > spec.max_length:
             raise UserInputError(f"--seq max {s.max} exceeds the model's max_length {spec.max_length}: "
                                  "inputs are truncated to max_length, so a longer profile only wastes memory")
-        return cls(precision=Precision.parse(str(getattr(precision, "value", precision))), batch=b, seq=s, **kw)
+        return cls(precision=precision, batch=b, seq=s, **kw)
 
     @property
     def workspace_bytes(self) -> int:
@@ -175,7 +180,7 @@ def build_serialized(onnx_path: Path, cfg: EngineConfig, timing_cache_path: Path
 
 
 def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
-    cfg = EngineConfig(**job["config"])
+    cfg = EngineConfig.from_dict(job["config"])
     env = probe_environment()
     if not env.ok:
         raise EngineError(env.reason)
