@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,17 +144,10 @@ class Embedder:
         if check:
             self.check_ids(seqs)
             seqs = self.tokenizer.fit_ids(seqs)
-        out: np.ndarray | None = None
         mbt = max_batch_tokens if max_batch_tokens is not None else self.max_batch_tokens
         bs = batch_size if batch_size is not None else self.batch_size
-        for batch in length_batches(seqs, self.tokenizer, batch_size=bs, max_batch_tokens=mbt):
-            emb = self._infer(batch, on_batch)
-            if out is None:
-                out = np.empty((len(seqs), emb.shape[1]), dtype=np.float32)
-            out[batch.indices] = emb
-        if out is None:  # pragma: no cover - length_batches yields at least one batch for non-empty input
-            raise ArtifactError("runner produced no output")
-        return out
+        batches = length_batches(seqs, self.tokenizer, batch_size=bs, max_batch_tokens=mbt)
+        return embed_batches(lambda b: self._infer(b, on_batch), batches, len(seqs))
 
     def _infer(self, batch: Batch, on_batch: Callable[[BatchStats], None] | None) -> np.ndarray:
         t0 = time.perf_counter()
@@ -211,6 +204,19 @@ class Embedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def embed_batches(infer: Callable[[Batch], np.ndarray], batches: Iterable[Batch], n: int) -> np.ndarray:
+    """Run ``infer`` on each batch and put its rows back in caller order: the one embed-and-scatter loop."""
+    out: np.ndarray | None = None
+    for batch in batches:
+        emb = infer(batch)
+        if out is None:
+            out = np.empty((n, emb.shape[1]), dtype=np.float32)
+        out[batch.indices] = emb
+    if out is None:
+        raise UserInputError("no inputs to embed: no batches")
+    return out
 
 
 def _default_providers() -> list[str]:
