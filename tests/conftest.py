@@ -23,16 +23,18 @@ _ARTIFACTS: dict[tuple[str, str], Path] = {}
 
 def exported(tmp_path_factory: pytest.TempPathFactory, model: str, precision: str = "fp32") -> Path:
     """Export ``model`` at ``precision`` once per session; returns the artifact dir (shared across tests)."""
+    from sfr_export.artifact import Precision
     from sfr_export.models import resolve_model
     from sfr_export.stages.export import ExportConfig, run_export
 
     key = (model, precision)
     if key not in _ARTIFACTS:
-        root = tmp_path_factory.getbasetemp() / "artifacts" / model.replace(":", "_")
+        # one dir per (model, precision): an fp32-only artifact never gains the fp16 variant of another fixture
+        root = tmp_path_factory.getbasetemp() / "artifacts" / f"{model.replace(':', '_')}-{precision}"
         resolved = resolve_model(model)
         if precision != "fp32":  # fp32 first: every other stage builds on it
-            run_export(root, resolved, ExportConfig(precision="fp32"))
-        run_export(root, resolved, ExportConfig(precision=precision))
+            run_export(root, resolved, ExportConfig(precision=Precision.FP32))
+        run_export(root, resolved, ExportConfig(precision=Precision.parse(precision)))
         _ARTIFACTS[key] = root
     return _ARTIFACTS[key]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -25,7 +27,7 @@ def test_bad_profiles_are_clear_errors(text, needle):
 
 
 def test_defaults_come_from_the_spec():
-    cfg = EngineConfig.for_spec(ModelSpec(max_length=4096), precision="int8")
+    cfg = EngineConfig.for_spec(ModelSpec(max_length=4096), precision=Precision.INT8)
     assert cfg.precision is Precision.INT8
     assert cfg.batch.as_list() == [1, 8, 32]
     assert cfg.seq.as_list() == [1, 128, 4096]
@@ -44,13 +46,16 @@ def test_seq_over_spec_max_and_bad_options_are_refused():
         EngineConfig(opt_level=7)
     with pytest.raises(UserInputError, match="workspace"):
         EngineConfig(workspace_gib=0)
-    with pytest.raises(UserInputError, match="unknown precision"):
-        EngineConfig.for_spec(ModelSpec(), precision="int4")
+    with pytest.raises(UserInputError, match="unknown precision 'int4'"):
+        Precision.parse("int4")  # parsed once, where the text enters
+    with pytest.raises(TypeError, match="must be a Precision"):
+        EngineConfig(precision="fp16")  # type: ignore[arg-type]
 
 
 def test_config_round_trips_through_its_dict():
-    cfg = EngineConfig.for_spec(ModelSpec(max_length=256), precision="fp16", batch="1,4,16", seq="8,64,256", opt_level=5)
-    assert EngineConfig(**cfg.to_dict()) == cfg
+    cfg = EngineConfig.for_spec(ModelSpec(max_length=256), precision=Precision.FP16, batch="1,4,16", seq="8,64,256",
+                                opt_level=5)
+    assert EngineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_batches_over_the_profile_are_split_and_small_ones_padded():

@@ -176,4 +176,4 @@ def test_bad_config_and_suite_inputs(eval_artifact: Path, tmp_path: Path) -> Non
     res = run_cli("verify", eval_artifact, "--suite", "full", "--data-dir", tmp_path / "nowhere")
     assert res.code == 2 and "does not exist" in res.stderr
     res = run_cli("verify", tmp_path)
-    assert res.code == 2 and "manifest.json" in res.stderr
+    assert res.code == 3 and "manifest.json" in res.stderr  # not an output dir: an artifact error
