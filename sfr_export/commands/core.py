@@ -97,7 +97,9 @@ def embed(
     import numpy as np
 
     from ..runtime import Embedder
+    from ..tokenization import validate_texts
 
+    validate_texts(texts)  # a bad text is refused before the model is loaded
     with Embedder.from_artifact(directory, backend=backend, variant=variant) as emb:
         vecs = emb.encode(texts, prompt=prompt)
         info = emb.info

@@ -78,6 +78,8 @@ class VerifyConfig:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise UserInputError(f"config file {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
         unknown_top = set(data) - {"verify", "thresholds"}
         if unknown_top:
             raise UserInputError(f"{path}: unknown tables {sorted(unknown_top)} (expected the tables verify and thresholds.<precision>)")
@@ -86,6 +88,7 @@ class VerifyConfig:
         unknown = set(section) - allowed
         if unknown:
             raise UserInputError(f"{path}: unknown keys in table verify: {sorted(unknown)}")
+        _check_toml_types(section, path)
         for key in ("data_dir", "report_dir", "junit", "cache_dir"):
             if key in section:
                 section[key] = (path.parent / section[key]).resolve()
@@ -103,6 +106,25 @@ class VerifyConfig:
         d["thresholds"] = {p: t.to_dict() for p, t in self.thresholds_for().items()}
         d["overrides"] = dataclasses.asdict(self.overrides)
         return json.loads(json.dumps(d, default=str))
+
+
+_STR, _PATH = ((str,), "a string"), ((str,), "a path string")
+_TOML_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "suite": _STR, "reference": _STR, "data_dir": _PATH, "report_dir": _PATH, "junit": _PATH, "cache_dir": _PATH,
+    "candidates": ((list,), "a list of strings"), "cache": ((bool,), "true or false"),
+    "time_budget_s": ((int, float), "a number"), "batch_size": ((int,), "an integer"),
+    "max_batch_tokens": ((int,), "an integer")}
+
+
+def _check_toml_types(section: dict[str, Any], path: Path) -> None:
+    """A wrong type in ``[verify]`` is named with its key (not a TypeError from deep inside)."""
+    for key, value in section.items():
+        want, what = _TOML_TYPES[key]
+        bad = not isinstance(value, want) or (isinstance(value, bool) and bool not in want)
+        if key == "candidates" and not bad:
+            bad = not all(isinstance(c, str) for c in value)
+        if bad:
+            raise UserInputError(f"{path}: [verify] {key} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -162,8 +184,11 @@ def _check_writable(out_dir: Path) -> None:
 
 def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[str], None] | None) -> VerifyResult:
     manifest = Manifest.load(root)
+    manifest.verify_base()  # spec.json and the tokenizer files: a damaged one is named before any work
     out_dir = Path(config.report_dir) if config.report_dir is not None else root / REPORT_SUBDIR
     _check_writable(out_dir)
+    if config.junit is not None:
+        _check_writable(Path(config.junit).parent)
     suite = load_suite(config.suite)
     thresholds = config.thresholds_for()
     settings = CompareSettings(reference=config.reference, candidates=config.candidates, batch_size=config.batch_size,
