@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import StageRecord
+from .artifact import StageRecord, writer_lock
 from .models import ResolvedModel
 from .artifact import Precision
 from .stages.export import ExportConfig, run_export
@@ -27,7 +27,14 @@ class BuildConfig:
 
 def build(root: Path, model: ResolvedModel, config: BuildConfig,
           on_progress: Callable[[str, str], None] | None = None) -> list[StageRecord]:
-    """Run every stage the requested precision needs. Returns the stage records in order."""
+    """Run every stage the requested precision needs, holding the output dir's writer lock (a second writer is
+    refused with ``LockedError`` naming this process). Returns the stage records in order."""
+    with writer_lock(root):
+        return _build(root, model, config, on_progress)
+
+
+def _build(root: Path, model: ResolvedModel, config: BuildConfig,
+           on_progress: Callable[[str, str], None] | None) -> list[StageRecord]:
     def stage_progress(stage: str) -> Callable[[str], None] | None:
         return (lambda msg: on_progress(stage, msg)) if on_progress else None
 

@@ -32,7 +32,7 @@ def _open_lock(path: Path) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except NotADirectoryError:
+    except (NotADirectoryError, FileExistsError):  # FileExistsError: the dir itself is a file
         raise PathError(f"output dir {path.parent} is not a directory") from None
     except OSError as exc:
         raise PathError(f"cannot lock {path.parent}: {exc.strerror}") from None

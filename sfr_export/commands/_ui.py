@@ -41,8 +41,29 @@ def progress_ctx() -> Any:
     """A spinner per stage on a terminal; it disappears when its block ends."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]}[/] {task.description}"), TimeElapsedColumn(),
+    return Progress(SpinnerColumn(finished_text="[green]✓[/]"),
+                    TextColumn("[bold]{task.fields[stage]}[/] {task.description}"), TimeElapsedColumn(),
                     console=console, transient=True)
+
+
+class StageSpinners:
+    """``on_progress(stage, msg)`` for a multi-stage run: one spinner per stage; when the next stage starts, the
+    previous ones stop (a tick, their clock frozen) instead of spinning on until the whole run ends."""
+
+    def __init__(self, prog: Any):
+        self.prog = prog
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, msg: str) -> None:
+        if stage not in self.tasks:
+            self.finish_all()
+            self.tasks[stage] = self.prog.add_task(escape(str(msg)), stage=stage, total=None)
+        self.prog.update(self.tasks[stage], description=escape(str(msg)))
+
+    def finish_all(self) -> None:
+        for task in self.tasks.values():
+            if not self.prog.tasks[task].finished:
+                self.prog.update(task, total=1, completed=1, description="done")
 
 
 def run_with_spinner(stage: str, fn: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..artifact import Backend, Precision, Variant
-from ._ui import print_json, progress_ctx, run_with_spinner
+from ._ui import StageSpinners, print_json, progress_ctx, run_with_spinner
 
 MODEL_HELP = "Hub id, local dir, or demo:tiny-mistral | demo:minilm | demo:smollm2"
 DEFAULT_MODEL = "Salesforce/SFR-Embedding-Mistral"
@@ -67,14 +67,7 @@ def build(
     with writer_lock(output):
         prepare_output(output, resolved, repair=force)  # refuses another model's dir before any work starts
         with progress_ctx() as prog:
-            tasks: dict[str, int] = {}
-
-            def on_progress(stage: str, msg: str) -> None:
-                if stage not in tasks:
-                    tasks[stage] = prog.add_task(msg, stage=stage, total=None)
-                prog.update(tasks[stage], description=msg)
-
-            records = run_build(output, resolved, cfg, on_progress=on_progress)
+            records = run_build(output, resolved, cfg, on_progress=StageSpinners(prog))
     print_json([stage_summary(r) for r in records])
 
 
@@ -104,7 +97,9 @@ def embed(
     import numpy as np
 
     from ..runtime import Embedder
+    from ..tokenization import validate_texts
 
+    validate_texts(texts)  # a bad text is refused before the model is loaded
     with Embedder.from_artifact(directory, backend=backend, variant=variant) as emb:
         vecs = emb.encode(texts, prompt=prompt)
         info = emb.info

@@ -35,8 +35,7 @@ def engine(
                                 version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime)
     with writer_lock(directory):
         rec = run_with_spinner("engine", lambda say: run_engine(directory, cfg, force=force, on_progress=say))
-    if rec.status == "skipped":
-        note(f"engine skipped: {rec.reason}")
+    # a skip is said once, by the stage's own warning (as in `build`); the JSON below carries the reason too
     print_json({"stage": rec.name, "status": rec.status, "reason": rec.reason,
                 "artifacts": [a.path for a in rec.artifacts], "batch_profile": cfg.batch.as_list(),
                 "seq_profile": cfg.seq.as_list(), "qdq_check_passed": rec.figures.get("qdq_check", {}).get("passed"),

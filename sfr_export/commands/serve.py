@@ -22,7 +22,7 @@ def serve(
     max_batch_size: int = typer.Option(64, help="Rows per runner call."),
     max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to batch with."),
     max_queue: int = typer.Option(2048, help="Inputs allowed to wait; beyond this requests get 429 (retry later)."),
-    max_inputs: int = typer.Option(2048, help="Inputs per request (at most --max-queue)."),
+    max_inputs: Optional[int] = typer.Option(None, help="Inputs per request; at most --max-queue (default: 2048, or --max-queue when smaller)."),
     max_input_chars: int = typer.Option(100_000, help="Characters per text input."),
     max_request_bytes: int = typer.Option(2 * 1024 * 1024, help="Request body size."),
     shutdown_timeout: float = typer.Option(30.0, help="Seconds to drain in-flight requests on SIGTERM."),

@@ -139,10 +139,11 @@ class Embedder:
 
         Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens (longest first).
         ``check=False`` skips the vocabulary check for ids that came from ``tokenize``."""
+        if check:
+            self.check_ids(seqs)  # first: it names a wrong type (None, a str) that len() would crash on
         if len(seqs) == 0:
             raise UserInputError("no inputs to embed: the input list is empty")
         if check:
-            self.check_ids(seqs)
             seqs = self.tokenizer.fit_ids(seqs)
         mbt = max_batch_tokens if max_batch_tokens is not None else self.max_batch_tokens
         bs = batch_size if batch_size is not None else self.batch_size

@@ -23,6 +23,8 @@ from .protocol import ApiError, EmbeddingRequest, Limits, bad_request, embedding
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_INPUTS = 2048
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -30,7 +32,7 @@ class ServeConfig:
     port: int = 8080
     model_name: str | None = None  # the `model` echoed in responses; default: the manifest's model id
     truncation: str = "error"  # error: over-long text inputs get 400; truncate: cut to the model's max length
-    max_inputs: int = 2048
+    max_inputs: int | None = None  # inputs per request; None: min(2048, the queue bound). Never above the queue bound
     max_input_chars: int = 100_000
     max_request_bytes: int = 2 * 1024 * 1024
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -41,6 +43,19 @@ class ServeConfig:
         Truncation.parse(self.truncation)
         if not 0 <= self.port <= 65535:
             raise UserInputError(f"port must be in 0..65535, got {self.port}")
+        queue = self.batching.max_queue_inputs
+        if self.max_inputs is None:
+            object.__setattr__(self, "max_inputs", min(DEFAULT_MAX_INPUTS, queue))
+        elif self.max_inputs < 1:
+            raise UserInputError(f"--max-inputs must be >= 1, got {self.max_inputs}")
+        elif self.max_inputs > queue:  # such a request could never be queued: it would get 429 forever
+            raise UserInputError(f"--max-inputs {self.max_inputs} is over --max-queue {queue}: a request that large "
+                                 "could never be queued; lower --max-inputs or raise --max-queue")
+
+    @property
+    def inputs_per_request(self) -> int:
+        assert self.max_inputs is not None  # set by __post_init__
+        return self.max_inputs
 
 
 class _State:
@@ -49,7 +64,7 @@ class _State:
         self.config = config
         self.model_name = model_name
         self.metrics = ServerMetrics()
-        self.limits = Limits(max_inputs=config.max_inputs, max_input_tokens=embedder.spec.max_length,
+        self.limits = Limits(max_inputs=config.inputs_per_request, max_input_tokens=embedder.spec.max_length,
                              max_input_chars=config.max_input_chars, max_request_bytes=config.max_request_bytes)
         self.queue = BatchQueue(embedder, config.batching, on_batch=self.metrics.observe_batch,
                                 on_depth=self.metrics.queue_depth.set, on_group=self.metrics.observe_group)

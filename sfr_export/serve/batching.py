@@ -2,7 +2,8 @@
 ``Embedder.encode_ids`` call in a worker thread, and each request gets its own rows back, in order.
 
 One worker runs inference while the event loop keeps accepting and grouping the next requests. The queue is bounded
-in inputs; a request that would overflow it is refused at once (the server answers 429), so a flood costs no memory.
+in inputs; a request that would overflow it now is refused at once (the server answers 429), so a flood costs no
+memory. A request larger than the whole queue could never be taken: it gets 400, never 429.
 ``close()`` stops intake and drains what is queued.
 """
 
@@ -29,7 +30,7 @@ class BatchingConfig:
     max_batch_tokens: int = 8192  # real tokens grouped into one encode call (and padded tokens per runner call)
     max_batch_size: int = 64  # rows per runner call
     max_wait_ms: float = 5.0  # how long the first queued request waits for company
-    max_queue_inputs: int = 1024  # inputs waiting (not yet running); beyond this requests get 429
+    max_queue_inputs: int = 2048  # inputs waiting (not yet running); beyond this requests get 429
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_size < 1 or self.max_queue_inputs < 1:
@@ -89,6 +90,9 @@ class BatchQueue:
         if self._closing or self._task is None or self._task.done():
             raise ApiError(503, "server is shutting down", type="server_error", code="unavailable")
         n = len(seqs)
+        if n > self.config.max_queue_inputs:  # could never fit, even in an empty queue: not a "retry later"
+            raise ApiError(400, f"'input' has {n} items, over the limit of {self.config.max_queue_inputs} per request "
+                                "(the queue bound)", code="too_many_inputs")
         if self._queued_inputs + n > self.config.max_queue_inputs:
             raise ApiError(429, f"server queue is full ({self._queued_inputs} inputs waiting, bound "
                                 f"{self.config.max_queue_inputs}); retry later", type="rate_limit_error",

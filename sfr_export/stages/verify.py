@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FidelityGateError, UserInputError
+from ..errors import FidelityGateError, PathError, SfrExportError, UserInputError
 from ..eval.cache import ReferenceCache
 from ..eval.compare import CompareSettings, compare
 from ..eval.gate import DEFAULT_THRESHOLDS, ThresholdOverrides, Thresholds, thresholds_from_table
@@ -23,7 +23,7 @@ from ..eval.junit import render_junit
 from ..eval.report import build_report, render_markdown
 from ..eval.report_html import render_html
 from ..eval.suite import load_suite
-from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_write_text
+from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_write_text, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class VerifyConfig:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise UserInputError(f"config file {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
         unknown_top = set(data) - {"verify", "thresholds"}
         if unknown_top:
             raise UserInputError(f"{path}: unknown tables {sorted(unknown_top)} (expected the tables verify and thresholds.<precision>)")
@@ -86,6 +88,7 @@ class VerifyConfig:
         unknown = set(section) - allowed
         if unknown:
             raise UserInputError(f"{path}: unknown keys in table verify: {sorted(unknown)}")
+        _check_toml_types(section, path)
         for key in ("data_dir", "report_dir", "junit", "cache_dir"):
             if key in section:
                 section[key] = (path.parent / section[key]).resolve()
@@ -105,6 +108,25 @@ class VerifyConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+_STR, _PATH = ((str,), "a string"), ((str,), "a path string")
+_TOML_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "suite": _STR, "reference": _STR, "data_dir": _PATH, "report_dir": _PATH, "junit": _PATH, "cache_dir": _PATH,
+    "candidates": ((list,), "a list of strings"), "cache": ((bool,), "true or false"),
+    "time_budget_s": ((int, float), "a number"), "batch_size": ((int,), "an integer"),
+    "max_batch_tokens": ((int,), "an integer")}
+
+
+def _check_toml_types(section: dict[str, Any], path: Path) -> None:
+    """A wrong type in ``[verify]`` is named with its key (not a TypeError from deep inside)."""
+    for key, value in section.items():
+        want, what = _TOML_TYPES[key]
+        bad = not isinstance(value, want) or (isinstance(value, bool) and bool not in want)
+        if key == "candidates" and not bad:
+            bad = not all(isinstance(c, str) for c in value)
+        if bad:
+            raise UserInputError(f"{path}: [verify] {key} must be {what}, got {value!r}")
+
+
 @dataclass
 class VerifyResult:
     record: StageRecord
@@ -119,9 +141,54 @@ class VerifyResult:
 
 def run_verify(root: Path, config: VerifyConfig = VerifyConfig(), *, raise_on_fail: bool = True,
                on_progress: Callable[[str], None] | None = None) -> VerifyResult:
-    """Compare, write the reports, record them in the manifest, then apply the gate."""
+    """Compare, write the reports, record them in the manifest, then apply the gate.
+
+    Holds the output dir's writer lock. A run that errors (anything but the gate's verdict) leaves the previous
+    reports and ``verify:<suite>`` record as they were and records the failure beside them in the manifest; a bad
+    argument or input (``UserInputError``, found before the comparison starts) writes nothing at all."""
     root = Path(root)
+    Manifest.load(root)  # not an output dir: refused before the lock would create anything in it
+    with writer_lock(root):
+        try:
+            result = _verify(root, config, on_progress)
+        except (FidelityGateError, UserInputError):
+            raise
+        except (SfrExportError, OSError) as exc:
+            _record_failure(root, f"verify:{_suite_label(config.suite)}", exc)
+            raise
+    if raise_on_fail and not result.passed:
+        raise FidelityGateError(result.report["gate"]["reason"])
+    return result
+
+
+def _suite_label(suite: str) -> str:
+    return Path(suite).stem if suite.endswith(".toml") else suite
+
+
+def _record_failure(root: Path, name: str, exc: BaseException) -> None:
+    reason = str(exc) if isinstance(exc, SfrExportError) else f"{type(exc).__name__}: {exc}"
+    try:
+        Manifest.load(root).record_failure(name, reason)
+    except SfrExportError as rec_exc:  # e.g. a read-only dir: the original error is still the one to report
+        log.warning("could not record the failure of %s in the manifest: %s", name, rec_exc)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Fail before any work when the reports cannot be written (not after minutes of comparing)."""
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PathError(f"cannot write the reports: {probe} is not a writable directory")
+
+
+def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[str], None] | None) -> VerifyResult:
     manifest = Manifest.load(root)
+    manifest.verify_base()  # spec.json and the tokenizer files: a damaged one is named before any work
+    out_dir = Path(config.report_dir) if config.report_dir is not None else root / REPORT_SUBDIR
+    _check_writable(out_dir)
+    if config.junit is not None:
+        _check_writable(Path(config.junit).parent)
     suite = load_suite(config.suite)
     thresholds = config.thresholds_for()
     settings = CompareSettings(reference=config.reference, candidates=config.candidates, batch_size=config.batch_size,
@@ -131,14 +198,13 @@ def run_verify(root: Path, config: VerifyConfig = VerifyConfig(), *, raise_on_fa
     report = build_report(cmp, root=str(root), manifest_model=manifest.model, thresholds=thresholds)
     markdown = render_markdown(report)
 
-    out_dir = Path(config.report_dir) if config.report_dir is not None else root / REPORT_SUBDIR
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
-    atomic_write_text(paths["md"], markdown)
-    atomic_write_text(paths["html"], render_html(report, markdown))
+    texts = {"json": json.dumps(report, indent=2) + "\n", "md": markdown, "html": render_html(report, markdown)}
     if config.junit is not None:
         paths["junit"] = Path(config.junit)
-        atomic_write_text(paths["junit"], render_junit(report))
+        texts["junit"] = render_junit(report)
+    for kind, text in texts.items():  # everything rendered first: a render error leaves the old reports whole
+        atomic_write_text(paths[kind], text)
 
     artifacts: list[ArtifactRecord] = []
     outside: dict[str, str] = {}
@@ -160,7 +226,4 @@ def run_verify(root: Path, config: VerifyConfig = VerifyConfig(), *, raise_on_fa
     manifest = Manifest.load(root)  # re-read: other stages may have recorded meanwhile
     manifest.record(rec)
     log.info("verify: %s (reports in %s)", "pass" if gate["passed"] else gate["reason"], out_dir)
-    result = VerifyResult(rec, report, markdown, paths)
-    if raise_on_fail and not result.passed:
-        raise FidelityGateError(gate["reason"])
-    return result
+    return VerifyResult(rec, report, markdown, paths)

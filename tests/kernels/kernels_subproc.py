@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_python(code: str, *, interpret: bool, timeout: int = 300) -> dict:
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton; the kernel tests run it under TRITON_INTERPRET=1 on CPU)")
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'sfr-export[kernels]')")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"

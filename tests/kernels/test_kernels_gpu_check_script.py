@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_passing_json(tmp_path):
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton; the kernel tests run it under TRITON_INTERPRET=1 on CPU)")
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'sfr-export[kernels]')")
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -30,3 +30,13 @@ def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
     yield srv
     rc = srv.stop()
     assert rc in (0, -signal.SIGTERM), f"server exited with {rc} on SIGTERM:\n{srv.log()}"
+
+
+@pytest.fixture(scope="module")  # module: test_sigterm_drains_queued_requests stops it
+def small_queue_server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
+    """At most 16 queued inputs (so at most 16 per request); a group closes at 16 rows or after 1.5 s (so requests
+    surely queue up)."""
+    srv = start_server(tiny_artifact, tmp_path_factory.mktemp("bp-logs"), "--variant", "fp32", "--max-queue", "16",
+                       "--max-wait-ms", "1500", "--max-batch-size", "16")
+    yield srv
+    srv.stop()

@@ -12,16 +12,6 @@ import numpy as np
 import psutil
 import pytest
 
-from serve_helpers import start_server
-
-
-@pytest.fixture(scope="module")
-def small_queue_server(tiny_artifact, tmp_path_factory):
-    """At most 16 queued inputs; a group closes at 16 rows or after 1.5 s (so requests surely queue up)."""
-    srv = start_server(tiny_artifact, tmp_path_factory.mktemp("bp-logs"), "--variant", "fp32", "--max-queue", "16",
-                       "--max-wait-ms", "1500", "--max-batch-size", "16")
-    yield srv
-    srv.stop()
 
 
 async def _flood(url: str, n: int, texts_per_request: int, tag: str) -> list[tuple[int, dict, dict]]:
