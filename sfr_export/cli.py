@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "sfr_export.commands.serve",
     "sfr_export.commands.finetune",
     "sfr_export.commands.engine",
+    "sfr_export.commands.corpus",
 ]
 
 
