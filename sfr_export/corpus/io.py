@@ -142,10 +142,11 @@ def _parquet_meta(path: Path, id_column: str, text_column: str) -> tuple[int, Id
     pf = _open_parquet(path)
     schema = pf.schema_arrow
     for col in (id_column, text_column):
-        if schema.get_field_index(col) < 0:
+        found = len(schema.get_all_field_indices(col))
+        if found == 0:
             raise CorpusInputError(f"{path}: no column '{col}' (columns: {', '.join(schema.names)})")
-        if schema.get_all_field_indices(col).__len__() > 1:
-            raise CorpusInputError(f"{path}: column '{col}' appears more than once")
+        if found > 1:
+            raise CorpusInputError(f"{path}: column '{col}' appears {found} times")
     id_type = schema.field(id_column).type
     if pa.types.is_integer(id_type):
         kind = IdKind.INT

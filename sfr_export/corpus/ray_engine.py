@@ -78,8 +78,20 @@ class _UnitActor:
         self.units = {u.index: u for u in plan.units}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [self.worker.run(self.units[int(u)]) for u in batch["unit"]]
-        return {f: np.asarray([getattr(r, f) for r in results]) for f in RESULT_FIELDS}
+        rows: dict[str, list] = {f: [] for f in RESULT_FIELDS + ("error", "message")}
+        for u in batch["unit"]:
+            try:
+                r = self.worker.run(self.units[int(u)])
+            except SfrExportError as exc:  # returned as data: Ray would keep only its own wrapper of the exception
+                r = UnitResult(int(u), 0, 0, 0.0, "", 0)
+                rows["error"].append(f"{type(exc).__module__}:{type(exc).__qualname__}")
+                rows["message"].append(str(exc))
+            else:
+                rows["error"].append("")
+                rows["message"].append("")
+            for f in RESULT_FIELDS:
+                rows[f].append(getattr(r, f))
+        return {k: np.asarray(v) for k, v in rows.items()}
 
 
 def run_ray(cluster: RayCluster, layout: RayLayout, plan: InputPlan, pending: Sequence[Unit], *,
@@ -98,31 +110,22 @@ def run_ray(cluster: RayCluster, layout: RayLayout, plan: InputPlan, pending: Se
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         ds = ds.map_batches(
             _UnitActor, batch_size=1,
-            compute=rd.ActorPoolStrategy(size=layout.workers, max_tasks_in_flight_per_actor=2),
+            compute=rd.ActorPoolStrategy(size=min(layout.workers, len(pending)), max_tasks_in_flight_per_actor=2),
             fn_constructor_kwargs={"plan": plan, "embedder": replace(embedder, threads=layout.threads),
                                    "prompt": prompt, "out": str(out), "dtype": dtype},
             num_cpus=layout.threads, num_gpus=layout.gpus, runtime_env={"env_vars": env},
             max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-    try:
-        for row in ds.iter_rows():
-            on_unit(UnitResult(unit=int(row["unit"]), rows=int(row["rows"]), tokens=int(row["tokens"]),
-                               seconds=float(row["seconds"]), shard=str(row["shard"]), dim=int(row["dim"])))
-    except Exception as exc:  # Ray wraps what a unit raised; surface our own error as itself
-        cause = _our_error(exc)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise _error_class(str(row["error"]))(str(row["message"]))
+        on_unit(UnitResult(unit=int(row["unit"]), rows=int(row["rows"]), tokens=int(row["tokens"]),
+                           seconds=float(row["seconds"]), shard=str(row["shard"]), dim=int(row["dim"])))
 
 
-def _our_error(exc: BaseException) -> SfrExportError | None:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, SfrExportError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+def _error_class(name: str) -> type[SfrExportError]:
+    """The ``SfrExportError`` subclass an actor reported as ``module:qualname``."""
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    cls = getattr(importlib.import_module(module), qualname, None) if module.startswith("sfr_export.") else None
+    return cls if isinstance(cls, type) and issubclass(cls, SfrExportError) else SfrExportError
