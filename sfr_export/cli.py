@@ -15,13 +15,13 @@ from typer._click import exceptions as click_exc  # typer 0.29 vendors click: it
 from typer.exceptions import Abort
 from rich.markup import escape
 
-from .commands import bench, calibrate, core, engine, finetune, serve, verify
+from .commands import bench, calibrate, core, corpus, engine, finetune, serve, verify
 from .commands._ui import console
 from .errors import PathError, SfrExportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn text-embedding LLMs into faithful ONNX / INT8 / TensorRT artifacts.")
-for _module in (core, verify, calibrate, engine, serve, bench, finetune):
+for _module in (core, verify, calibrate, engine, serve, bench, finetune, corpus):
     for _name, _fn in _module.COMMANDS.items():
         app.command(_name)(_fn)
 
