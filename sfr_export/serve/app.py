@@ -74,19 +74,32 @@ class _State:
 def create_app(embedder: Embedder, config: "ServeConfig | None" = None, *, model_name: "str | None" = None) -> Any:
     """A FastAPI app serving ``embedder``. The batching worker starts with the app's lifespan and drains on exit."""
     fastapi = require("fastapi", purpose="the embedding server")
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = config or ServeConfig()
     state = _State(embedder, config, model_name or config.model_name or "sfr-export")
+    app = fastapi.FastAPI(title="sfr-export embeddings", lifespan=_lifespan(state), docs_url=None, redoc_url=None)
+    app.state.sfr = state
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Any, exc: StarletteHTTPException) -> Any:
+        return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
+                            status_code=exc.status_code)
+
+    _add_info_routes(app, state)
+    _add_embeddings_route(app, state)
+    return app
+
+
+def _lifespan(state: _State) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
         state.queue.start()
-        await embedder.aencode(["warm-up"])  # first-call allocations happen before /ready says yes
+        await state.embedder.aencode(["warm-up"])  # first-call allocations happen before /ready says yes
         state.ready = True
-        log.info("serving %s (%s) with %s", state.model_name, embedder.info.get("backend"), config.batching)
+        log.info("serving %s (%s) with %s", state.model_name, state.embedder.info.get("backend"),
+                 state.config.batching)
         try:
             yield
         finally:
@@ -94,18 +107,12 @@ def create_app(embedder: Embedder, config: "ServeConfig | None" = None, *, model
             await state.queue.close()  # refuse new work, finish what is queued
             log.info("batching queue drained")
 
-    app = fastapi.FastAPI(title="sfr-export embeddings", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.sfr = state
+    return lifespan
 
-    def error_response(err: ApiError) -> Any:
-        state.metrics.errors.labels(code=err.code or str(err.status)).inc()
-        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Any, exc: StarletteHTTPException) -> Any:
-        return JSONResponse(error_body(str(exc.detail), type="invalid_request_error", code=str(exc.status_code)),
-                            status_code=exc.status_code)
+def _add_info_routes(app: Any, state: _State) -> None:
+    """/health, /ready, /metrics and /v1/models."""
+    from fastapi.responses import JSONResponse, Response
 
     @app.get("/health")
     async def health() -> Any:
@@ -115,8 +122,8 @@ def create_app(embedder: Embedder, config: "ServeConfig | None" = None, *, model
     @app.get("/ready")
     async def ready() -> Any:
         ok = state.ready and state.queue.running
-        return JSONResponse({"ready": ok, "model": state.model_name, "backend": embedder.info.get("backend"),
-                             "variant": embedder.info.get("variant")}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok, "model": state.model_name, "backend": state.embedder.info.get("backend"),
+                             "variant": state.embedder.info.get("variant")}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -125,6 +132,16 @@ def create_app(embedder: Embedder, config: "ServeConfig | None" = None, *, model
     @app.get("/v1/models")
     async def models() -> Any:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "sfr-export"}]}
+
+
+def _add_embeddings_route(app: Any, state: _State) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    def error_response(err: ApiError) -> Any:
+        state.metrics.errors.labels(code=err.code or str(err.status)).inc()
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
@@ -140,8 +157,6 @@ def create_app(embedder: Embedder, config: "ServeConfig | None" = None, *, model
         state.metrics.requests.labels(code=str(status)).inc()
         state.metrics.latency.observe(time.perf_counter() - t0)
         return result if status != 200 else Response(result, media_type="application/json")
-
-    return app
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
