@@ -39,9 +39,9 @@ class CliResult:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "400", **extra}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
     env.pop("SFR_EXPORT_DEBUG", None)
-    return env
+    return {**env, **extra}
 
 
 def cli_cmd(*args: str | bytes) -> list[str | bytes]:
