@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CliResult, run_cli
+from reliability_helpers import CliResult, run_cli
 from sfr_export import Embedder
 from sfr_export.artifact import Manifest
 from sfr_export.errors import ArtifactError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CliResult, run_cli
+from reliability_helpers import CliResult, run_cli
 from sfr_export.models.demo import materialize_demo
 
 # (id, argv with {A} = a tiny artifact and {T} = a scratch dir, exit code, text the error line must contain)
