@@ -153,8 +153,8 @@ def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _pooling_from_st(model_dir: Path) -> tuple[PoolingMode | None, bool | None]:

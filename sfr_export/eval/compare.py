@@ -218,7 +218,7 @@ def _run_candidate(art: Artifact, name: str, tasks: list[TaskInputs], ref_emb: l
                    say: Callable[[str], None]) -> dict[str, Any]:
     choice = art.resolve(name)
     if isinstance(choice, str):  # the stage that would provide it said so already (e.g. "engine stage skipped")
-        log.info("candidate %s skipped: %s", name, choice)  # and the report's table shows it
+        log.debug("candidate %s skipped: %s", name, choice)  # the report's table shows it
         prec = art.engine_precision() if name == Backend.TENSORRT.value else Precision.FP32
         return {"name": name, "status": "skipped", "reason": choice, "precision": prec.value}
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from ..artifact import atomic_dir
+from ..artifact.io import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def build_tiny_mistral(out: Path) -> None:
         else:
             tensors[name] = torch.from_numpy(rng.normal(0.0, 0.02, size=tuple(p.shape)).astype(np.float32))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(out / "model.safetensors")  # safetensors writes 0600 whatever the umask
     cfg_dict = cfg.to_dict()
     cfg_dict["_sfr_export_known_as"] = "demo:tiny-mistral"
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
@@ -126,6 +128,7 @@ def build_smollm2(out: Path) -> None:
     model = AutoModel.from_pretrained(str(pkg), gguf_file=gguf)
     sd = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(out / "model.safetensors")  # safetensors writes 0600 whatever the umask
     cfg_dict = model.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict["architectures"] = [type(model).__name__]

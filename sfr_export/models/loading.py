@@ -101,7 +101,12 @@ def resolve_model(model: str, *, revision: str | None = None, trust_remote_code:
     if not (local_dir / "config.json").is_file():
         raise ModelLoadError(f"{local_dir} has no config.json: not a transformers model dir")
     weight_files(local_dir)
-    cfg = json.loads((local_dir / "config.json").read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads((local_dir / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{local_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{local_dir / 'config.json'} is not a JSON object: not a transformers config")
     if cfg.get("auto_map") and not trust_remote_code:
         log.info("%s declares auto_map (remote code); it is ignored unless --trust-remote-code is given", model_id)
     known_key = model if source == "hub" else cfg.get("_sfr_export_known_as")

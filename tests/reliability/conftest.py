@@ -1,56 +1,15 @@
-"""Shared helpers of the reliability tests: run the CLI in a subprocess and read its one error line."""
+"""Fixtures of the reliability tests: a private copy of the tiny artifact, and one build race shared by the
+concurrency and permission tests."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class CliResult:
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    @property
-    def error_lines(self) -> list[str]:
-        """The ``error: ...`` lines (rich may wrap a long one only when the console is narrow: it is not here)."""
-        return [x for x in self.stderr.splitlines() if x.startswith("error:")]
-
-    def one_error(self) -> str:
-        """Assert the run failed with exactly one error line and no traceback; return that line."""
-        assert self.rc != 0, f"exit 0:\n{self.output}"
-        assert "Traceback" not in self.output, self.output
-        lines = self.error_lines
-        assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{self.output}"
-        return lines[0]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "400", **extra}
-    env.pop("SFR_EXPORT_DEBUG", None)
-    return env
-
-
-def cli_cmd(*args: str | bytes) -> list[str | bytes]:
-    return [sys.executable, "-m", "sfr_export.cli", *args]
-
-
-def run_cli(*args: str | bytes, timeout: float = 300, **env: str) -> CliResult:
-    p = subprocess.run(cli_cmd(*args), capture_output=True, env=cli_env(**env), timeout=timeout)
-    return CliResult(p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"))
+from reliability_helpers import cli_cmd, cli_env, umask022
 
 
 @pytest.fixture()
@@ -59,3 +18,18 @@ def artifact_copy(tiny_artifact: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "art"
     shutil.copytree(tiny_artifact, dst, ignore=shutil.ignore_patterns(".sfr-export.lock"))
     return dst
+
+
+@pytest.fixture(scope="session")
+def raced_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, int, str]]]:
+    """Two `build --no-verify` of demo:tiny-mistral into one new dir, started together, under umask 022.
+    Returns the dir and (pid, exit code, stderr) of each."""
+    out = tmp_path_factory.mktemp("race") / "art"
+    cmd = cli_cmd("build", "-m", "demo:tiny-mistral", "-o", str(out), "--no-verify")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                              preexec_fn=umask022) for _ in range(2)]
+    runs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        runs.append((p.pid, p.returncode, err.decode("utf-8", "replace")))
+    return out, runs
