@@ -24,6 +24,8 @@ _EXTRAS: dict[str, str] = {
     "gguf": "demo",
     "mistral_common": "demo",
     "polygraphy": "gpu",
+    "pyarrow": "corpus",
+    "ray": "ray",
 }
 
 

@@ -13,7 +13,7 @@ from ..errors import ArtifactError
 from ..manifest import Manifest
 from ..runtime import onnx_variants
 from ..spec import ModelSpec
-from .config import CorpusConfig, CorpusSummary, EngineKind, InputType, UnitResult
+from .config import CorpusConfig, CorpusSummary, EngineKind, UnitResult
 from .io import InputPlan, check_unique_ids, plan_input
 from .output import (CorpusRecord, RunIdentity, clean_temp_files, done_units, is_complete, prepare_output,
                      write_record, write_success)
