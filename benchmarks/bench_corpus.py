@@ -151,7 +151,7 @@ def section_overhead(art: Path, work: Path, rows: int, rounds: int, chunk: int) 
     show(res, "bare encode loop (1 thr)")
 
 
-def section_ray(art: Path, work: Path, rows: int, rounds: int, chunk: int) -> None:
+def section_ray(art: Path, work: Path, rows: int, rounds: int, chunk: int, two_thread_base: bool = True) -> None:
     import ray
 
     print(f"\n== Ray engine, 2 workers x 1 thread, vs bare loops: {rows} rows, chunk {chunk}")
@@ -161,10 +161,12 @@ def section_ray(art: Path, work: Path, rows: int, rounds: int, chunk: int) -> No
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"  ray.init (local, 2 CPUs): {time.perf_counter() - t0:.2f}s (not in the figures below: a cluster is up)")
     try:
-        res = alternate({"bare encode loop (2 thr)": lambda: run_bare(art, src, 2, chunk),
-                         "bare encode loop (1 thr)": lambda: run_bare(art, src, 1, chunk),
-                         "embed-corpus ray 2x1": lambda: run_engine(art, src, work / "o-ray", "ray", 1, chunk, 2)},
-                        rounds)
+        runs = {"bare encode loop (2 thr)": lambda: run_bare(art, src, 2, chunk),
+                "bare encode loop (1 thr)": lambda: run_bare(art, src, 1, chunk),
+                "embed-corpus ray 2x1": lambda: run_engine(art, src, work / "o-ray", "ray", 1, chunk, 2)}
+        if not two_thread_base:
+            del runs["bare encode loop (2 thr)"]
+        res = alternate(runs, rounds)
     finally:
         ray.shutdown()
     show(res, "bare encode loop (1 thr)")
@@ -291,6 +293,7 @@ def main() -> None:
     ap.add_argument("--paper-tokens", type=int, default=512)
     ap.add_argument("--paper-calls", type=int, default=3)
     ap.add_argument("--sections", default="overhead,ray,rss,paper")
+    ap.add_argument("--no-ray-two-thread-base", action="store_true", help="Ray section: skip the 2-thread bare loop.")
     ap.add_argument("--child-rss", nargs=4, metavar=("ART", "SRC", "OUT", "CHUNK"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_rss:
@@ -304,7 +307,7 @@ def main() -> None:
     if "overhead" in sections:
         section_overhead(art, work, a.rows, a.rounds, a.chunk)
     if "ray" in sections:
-        section_ray(art, work, a.ray_rows, a.rounds, a.ray_chunk)
+        section_ray(art, work, a.ray_rows, a.rounds, a.ray_chunk, not a.no_ray_two_thread_base)
     if "rss" in sections:
         section_rss(art, work, a.rss_rows, a.rss_small, a.chunk)
     if "paper" in sections:

@@ -23,6 +23,8 @@ _EXTRAS: dict[str, str] = {
     "matplotlib": "dev",
     "gguf": "demo",
     "mistral_common": "demo",
+    "pyarrow": "corpus",
+    "ray": "ray",
 }
 
 

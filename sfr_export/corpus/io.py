@@ -321,7 +321,7 @@ def iter_id_locations(plan: InputPlan) -> Iterator[tuple[object, str]]:
 
 def check_unique_ids(plan: InputPlan) -> None:
     """Refuse a duplicate id, naming both rows. Memory: 8 bytes per row (a hash), then one pass for the culprit."""
-    hashes = np.fromiter((hash(i) for i, _ in iter_id_locations(plan)), dtype=np.int64, count=plan.rows_total)
+    hashes = np.fromiter((_id_hash(i) for i, _ in iter_id_locations(plan)), dtype=np.int64, count=plan.rows_total)
     sorted_h = np.sort(hashes)
     dup = sorted_h[1:][sorted_h[1:] == sorted_h[:-1]]
     del hashes, sorted_h
@@ -330,8 +330,13 @@ def check_unique_ids(plan: InputPlan) -> None:
     suspects = set(dup.tolist())
     seen: dict[object, str] = {}
     for value, where in iter_id_locations(plan):
-        if hash(value) in suspects:
+        if isinstance(value, (str, int)) and _id_hash(value) in suspects:
             if value in seen:
                 raise CorpusInputError(f"duplicate id {value!r} at {seen[value]} and {where} "
                                        "(pass --allow-duplicate-ids to embed both)")
             seen[value] = where
+
+
+def _id_hash(value: object) -> int:
+    """A 64-bit hash of an id; ids of a bad type (null, float, list) hash to 0 and are refused when read."""
+    return hash(value) if isinstance(value, (str, int)) else 0

@@ -43,6 +43,7 @@ CASES = {
                          ["x.jsonl:3", "empty or whitespace"]),
     "non-string text": (lambda d: jsonl(d / "x.jsonl", [{"id": "a", "text": 42}]), {}, ["x.jsonl:1", "int, not a string"]),
     "null id": (lambda d: jsonl(d / "x.jsonl", GOOD + [{"id": None, "text": "t"}]), {}, ["x.jsonl:3", "id 'id' is null"]),
+    "list id": (lambda d: jsonl(d / "x.jsonl", GOOD + [{"id": [1], "text": "t"}]), {}, ["x.jsonl:3", "id 'id' is list"]),
     "mixed id types": (lambda d: jsonl(d / "x.jsonl", GOOD + [{"id": 3, "text": "t"}]), {}, ["x.jsonl:3", "expected str"]),
     "malformed json": (lambda d: jsonl(d / "x.jsonl", GOOD + ['{"id": "c", "text": ']), {}, ["x.jsonl:3", "malformed JSON"]),
     "unreadable parquet": (lambda d: _bytes(d / "x.parquet", b"not parquet at all"), {},

@@ -137,3 +137,25 @@ def test_glob_input_and_cli(tiny_artifact, corpus_input, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "nope.jsonl does not exist" in err and err.strip().count("\n") == 0
+
+
+def test_integer_ids_stay_integers(tiny_artifact, tmp_path):
+    src = tmp_path / "x.jsonl"
+    src.write_text("".join(json.dumps({"doc": 10 + i, "body": f"text {i}"}) + "\n" for i in range(5)))
+    embed_corpus(CorpusConfig(artifact=tiny_artifact, input=str(src), output=tmp_path / "out", id_column="doc",
+                              text_column="body", threads_per_worker=1))
+    table = pq.read_table(tmp_path / "out")
+    assert str(table.schema.field("id").type) == "int64" and table.column("id").to_pylist() == [10, 11, 12, 13, 14]
+
+
+def test_corpus_stands_on_runtime_and_artifact_only():
+    """Layering: importing and running the corpus package pulls in no pipeline stage, eval, serve or finetune code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sfr_export.corpus, sfr_export.corpus.local, sfr_export.corpus.ray_engine; "
+            "bad = [m for m in sys.modules if m.startswith(('sfr_export.stages', 'sfr_export.eval', "
+            "'sfr_export.serve', 'sfr_export.finetune'))]; print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.stdout.strip() == ""
