@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailableError, ChecksumMismatchError, UserInputError
 from ..manifest import Manifest
 from ..spec import ModelSpec
-from ..tokenization import Batch, Encoded, TextTokenizer, Truncation, length_batches, validate_texts
+from ..tokenization import Batch, Encoded, TextTokenizer, Truncation, length_batches, right_align, validate_texts
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ THREAD_SAFE_RUNNERS = frozenset({"onnxruntime"})
 # ``auto`` on CPU prefers fidelity (fp32), on a CUDA provider speed (fp16 first).
 CPU_VARIANT_ORDER = ("fp32", "fp16", "int8-cpu", "int8-dynamic", "int8")
 CUDA_VARIANT_ORDER = ("fp16", "fp32", "int8")
+# Padded tokens per runner call unless the caller says otherwise: a 4,096-token passage rides with at most 3 others.
+DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Embedder:
     """Encode texts to float32, L2-normalised embeddings with the artifact's spec, prompts and batching."""
 
     def __init__(self, runner: Runner, tokenizer: TextTokenizer, *, batch_size: int = 32,
-                 max_batch_tokens: int | None = None, info: dict[str, Any] | None = None):
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, info: dict[str, Any] | None = None):
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
         if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -92,7 +94,7 @@ class Embedder:
     def from_artifact(cls, root: str | Path, *, backend: str = "auto", variant: str | None = None,
                       verify: bool = True, providers: Sequence[Any] | None = None, allow_fallback: bool = False,
                       truncation: str | Truncation = Truncation.TRUNCATE, batch_size: int = 32,
-                      max_batch_tokens: int | None = None, torch_dtype: str | None = None,
+                      max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, torch_dtype: str | None = None,
                       device: str = "cpu", session_config: dict[str, str] | None = None,
                       intra_op_threads: int | None = None) -> "Embedder":
         """Open an output dir. ``backend="auto"`` picks TensorRT when an engine and TensorRT are present, else
@@ -156,10 +158,12 @@ class Embedder:
         if rec is None:  # pragma: no cover - onnx_variants only lists recorded stages
             raise ArtifactError(f"{root} lost stage '{stage}' while loading")
         session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(session_config or {})}
-        runner = OrtRunner(manifest.artifact_path(stage, "onnx"), providers=providers,
+        # The CPU provider runs the export's GroupQueryAttention form when the stage wrote one (see export_graph).
+        form = "onnx-cpu" if not cuda and any(a.kind == "onnx-cpu" for a in rec.artifacts) else "onnx"
+        runner = OrtRunner(manifest.artifact_path(stage, form), providers=providers,
                            session_config=session_config, allow_fallback=allow_fallback,
                            intra_op_threads=intra_op_threads)
-        return runner, {"backend": "onnxruntime", "variant": variant, "why": why, "stage": stage}
+        return runner, {"backend": "onnxruntime", "variant": variant, "why": why, "stage": stage, "form": form}
 
     # ---- encoding ------------------------------------------------------------------------------------------
     @property
@@ -221,11 +225,14 @@ class Embedder:
 
     def _infer(self, batch: Batch, on_batch: Callable[[BatchStats], None] | None) -> np.ndarray:
         t0 = time.perf_counter()
+        ids, mask = batch.input_ids, batch.attention_mask
+        if self.spec.graph_padding == "right":  # a causal graph: exact for right padding only
+            ids, mask = right_align(ids, mask)
         if self._thread_safe:
-            emb = self.runner.infer(batch.input_ids, batch.attention_mask)
+            emb = self.runner.infer(ids, mask)
         else:
             with self._infer_lock:
-                emb = self.runner.infer(batch.input_ids, batch.attention_mask)
+                emb = self.runner.infer(ids, mask)
         if on_batch is not None:
             on_batch(BatchStats(rows=int(batch.input_ids.shape[0]), tokens=batch.tokens,
                                 padded_tokens=int(batch.input_ids.size), seconds=time.perf_counter() - t0))

@@ -4,9 +4,10 @@ The normal export path loads the whole model, traces it and lets the exporter se
 few times the weight bytes of RAM. Here instead:
 
 1. the backbone is built from ``config.json`` on the ``meta`` device (no storage), wrapped with the same
-   :func:`~sfr_export.stages.export.make_wrapper` (pooling from :mod:`sfr_export.pooling`) and, for fp16, given the
-   same dtype policy (:func:`~sfr_export.stages.export.norms_to_fp32`);
-2. ``torch.onnx.export(dynamo=True, optimize=False)`` traces it with meta example inputs, so every initializer of the
+   :func:`~sfr_export.export_graph.make_wrapper` (pooling from :mod:`sfr_export.pooling`, fused attention) and, for
+   fp16, given the same dtype policy (:func:`~sfr_export.export_graph.norms_to_fp32`);
+2. :func:`~sfr_export.export_graph.export_program` (the one ``torch.onnx.export`` call, here with
+   ``optimize=False``) traces it with meta example inputs, so every initializer of the
    resulting ONNX IR model still holds a meta tensor (shape and dtype, no data); the exporter's onnxscript optimizer
    then runs with those initializers detached (it would otherwise try to constant-fold meta tensors);
 3. each initializer is mapped to a safetensors key (``backbone.`` prefix, ``model.``/base-prefix checkpoints, tied
@@ -139,7 +140,7 @@ def build_meta_wrapper(model_dir: Path, spec: ModelSpec, precision: Precision) -
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from .export import make_wrapper, norms_to_fp32
+    from ..export_graph import make_wrapper, norms_to_fp32
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -155,19 +156,11 @@ def build_meta_wrapper(model_dir: Path, spec: ModelSpec, precision: Precision) -
 
 
 def trace_graph(wrapper: Any, opset: int) -> Any:
-    """``torch.onnx.export(dynamo=True)`` on meta inputs; returns the ONNX IR model whose weights are still meta."""
-    import torch
+    """The shared export call on meta inputs; returns the ONNX IR model whose weights are still meta."""
+    from ..export_graph import OnnxIOSpec, export_program
 
-    ids = torch.full((2, 8), 5, dtype=torch.long, device="meta")
-    mask = torch.ones_like(ids)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("sequence")
     # optimize=False: the onnxscript optimizer would try to constant-fold meta tensors
-    prog = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"],
-                             output_names=["sentence_embedding"], opset_version=opset,
-                             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                             dynamo=True, optimize=False, verbose=False)
-    return prog.model
+    return export_program(wrapper, OnnxIOSpec(), opset=opset, optimize=False, device="meta").model
 
 
 def optimize_without_weights(model: Any) -> int:
