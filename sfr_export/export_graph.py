@@ -257,7 +257,14 @@ class OnnxIOSpec:
 
 
 def export_program(wrapper: Any, io: OnnxIOSpec, *, opset: int, optimize: bool, device: str = "cpu") -> Any:
-    """The one ``torch.onnx.export(dynamo=True)`` call; returns the ONNXProgram with the plan in its metadata."""
+    """The one ``torch.onnx.export(dynamo=True)`` call; returns the ONNXProgram with the plan in its metadata.
+
+    ``optimize`` runs onnxscript's graph optimizer (constant folding, Cast/Identity clean-up) but not the exporter's
+    fusion rewrites: at opset 23 those fuse RMSNorm into ``RMSNormalization`` and drop the float32 casts of an fp16
+    model's norms (ONNX Runtime then refuses the graph). The low-memory path passes ``optimize=False`` and runs the
+    same optimizer itself with its weights detached, so both paths give the same graph.
+    """
+    import onnxscript.optimizer
     import torch
 
     if opset < DEFAULT_OPSET:
@@ -267,7 +274,9 @@ def export_program(wrapper: Any, io: OnnxIOSpec, *, opset: int, optimize: bool, 
         prog = torch.onnx.export(wrapper, io.example_inputs(device), input_names=list(io.inputs),
                                  output_names=[io.output_name], opset_version=opset,
                                  dynamic_shapes=tuple(io.dynamic_shapes().values()), dynamo=True,
-                                 optimize=optimize, verbose=False)
+                                 optimize=False, verbose=False)
+    if optimize:
+        onnxscript.optimizer.optimize_ir(prog.model)
     prog.model.metadata_props.update(wrapper.plan.metadata())
     return prog
 
