@@ -11,8 +11,9 @@ ONNX ``Attention`` node (GQA-aware: K/V keep their own head count). How the mask
   padding that comes after it, so every real token's hidden state is exact, whatever the pooling reads. The node
   is ``is_causal=1``; with a sliding window shorter than the model's positions, a ``[L, L]`` band mask (one per
   graph, not per batch or head) carries the window instead.
-- **key-padding** (bidirectional encoders): a ``[B, 1, 1, L]`` boolean mask that SDPA broadcasts; nothing of size
-  ``B x L x L`` is built in the graph. Either padding side is exact.
+- **key-padding** (bidirectional encoders): the ``[B, L]`` padding mask as one boolean ``[B, 1, L, L]`` tensor,
+  built once per graph and shared by every layer (ONNX Runtime's CPU ``Attention`` does not broadcast a mask over
+  the query axis). Either padding side is exact.
 
 The graph records its form in the ONNX metadata (:data:`META_ATTENTION`, :data:`META_PADDING`, :data:`META_WINDOW`),
 so any runner can enforce the padding side it assumes.
@@ -174,7 +175,10 @@ def make_wrapper(backbone: Any, spec: ModelSpec, plan: AttentionPlan | None = No
                 pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
                 hidden = self.backbone(input_ids=input_ids, position_ids=pos).last_hidden_state
             else:
-                keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L], broadcast by SDPA
+                # [B, 1, 1, L] key-padding mask, expanded once per graph (not per layer) to [B, 1, L, L] bool:
+                # ONNX Runtime 1.32's CPU Attention refuses a mask that broadcasts over the query axis
+                # (attention_helper.h: "inconsistent q_sequence_length"). One byte per score, built once.
+                keep = attention_mask.bool()[:, None, None, :].expand(-1, -1, input_ids.shape[1], -1)
                 hidden = self.backbone(input_ids=input_ids, attention_mask=keep).last_hidden_state
             return pool_and_normalize(hidden, attention_mask, spec.pooling, spec.normalize)
 
