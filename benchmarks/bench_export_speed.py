@@ -50,7 +50,8 @@ def main() -> None:
     from sfr_export.models import resolve_model
     from sfr_export.runtime.ort_runner import OrtRunner
     from sfr_export.runtime.torch_runner import TorchRunner
-    from sfr_export.stages.export import ExportConfig, compare_rows, run_export
+    from sfr_export.stages.export import ExportConfig, run_export
+    from sfr_export.vectors import row_cosine
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sfr-bench-speed-", dir=args.workdir))
@@ -82,7 +83,7 @@ def main() -> None:
                         t0 = time.perf_counter()
                         r.infer(ids, mask)
                         times[name].append(time.perf_counter() - t0)
-                min_cos = float(compare_rows(outputs["torch eager fp32"], outputs["onnxruntime fp32"]).min())
+                min_cos = float(row_cosine(outputs["torch eager fp32"], outputs["onnxruntime fp32"]).min())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

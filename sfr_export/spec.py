@@ -72,6 +72,9 @@ class ModelSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     padding_side: str = "right"
     uses_instructions: bool = True
+    # The padding side the exported graph is exact for: "any" (it masks padding) or "right" (causal graph without a
+    # padding mask). Written by the export; runtimes re-pad other batches. "any" keeps older artifacts loading.
+    graph_padding: str = "any"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pooling, PoolingMode):
@@ -80,6 +83,8 @@ class ModelSpec:
             raise UserInputError(f"max_length must be >= 2, got {self.max_length}")
         if self.padding_side not in ("left", "right"):
             raise UserInputError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.graph_padding not in ("any", "right"):
+            raise UserInputError(f"graph_padding must be 'any' or 'right', got {self.graph_padding!r}")
         if "{text}" not in self.query_template or "{text}" not in self.document_template:
             raise UserInputError("prompt templates must contain '{text}'")
 

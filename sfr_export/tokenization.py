@@ -224,6 +224,28 @@ class TextTokenizer:
         return ids, mask
 
 
+def right_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same batch right-padded: each row's tokens moved to the front (a no-op copy-free path when already so).
+
+    For graphs that are exact only for right padding (``ModelSpec.graph_padding == "right"``). A row whose tokens
+    are not contiguous (a mask with holes) cannot be re-padded and raises UserInputError.
+    """
+    mask = np.asarray(attention_mask)
+    lengths = mask.sum(axis=1)
+    want = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    if np.array_equal(mask != 0, want):
+        return input_ids, attention_mask
+    ids = np.asarray(input_ids)
+    new_ids = np.zeros_like(ids)
+    for r in range(mask.shape[0]):
+        on = np.flatnonzero(mask[r])
+        if on.size and on[-1] - on[0] + 1 != on.size:
+            raise UserInputError(f"row {r} of the attention mask has holes; a causal graph needs each row's tokens "
+                                 "contiguous (right or left padding)")
+        new_ids[r, : on.size] = ids[r, on]
+    return new_ids, want.astype(mask.dtype)
+
+
 def length_batches(seqs: Sequence[Sequence[int]], tokenizer: TextTokenizer, *, batch_size: int,
                    max_batch_tokens: int | None = None) -> Iterator[Batch]:
     """Sort by length (longest first) and cut into batches of at most ``batch_size`` rows and, when given,

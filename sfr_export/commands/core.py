@@ -23,7 +23,7 @@ def export(
                                         help="fp32 or fp16 (int8 comes from `calibrate` or `build`)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     dtype: str = typer.Option("float32", help="Reference dtype for the torch backend: float32|float16|bfloat16."),
-    opset: int = typer.Option(18, help="ONNX opset."),
+    opset: int = typer.Option(23, help="ONNX opset (>= 23: fused Attention)."),
     low_memory: str = typer.Option("auto", help="auto | on | off: meta-device graph + streamed weights."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the post-export check against PyTorch."),
     trust_remote_code: bool = typer.Option(False, help="Allow model repos to run their own code (off by default)."),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError
 from ..artifact import Artifact, Backend, Variant
-from .config import CorpusConfig, CorpusSummary, EngineKind, InputType, UnitResult
+from .config import CorpusConfig, CorpusSummary, EngineKind, UnitResult
 from .io import InputPlan, check_unique_ids, plan_input
 from .output import (CorpusRecord, RunIdentity, clean_temp_files, done_units, is_complete, prepare_output,
                      write_record, write_success)

@@ -22,13 +22,15 @@ from .._optional import available
 from ..artifact import Artifact, Backend, Manifest, Variant
 from ..artifact.layout import TOKENIZER_DIR
 from ..spec import ModelSpec
-from ..tokenization import Batch, Encoded, TextTokenizer, Truncation, length_batches, validate_texts
+from ..tokenization import Batch, Encoded, TextTokenizer, Truncation, length_batches, right_align, validate_texts
 from .runner import Runner
 
 log = logging.getLogger(__name__)
 
 # Runners whose ``infer`` may be called from many threads at once; the others run under a lock.
 THREAD_SAFE_RUNNERS = frozenset({"onnxruntime"})
+# Padded tokens per runner call unless the caller says otherwise: a 4,096-token passage rides with at most 3 others.
+DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Embedder:
     """Encode texts to float32, L2-normalised embeddings with the artifact's spec, prompts and batching."""
 
     def __init__(self, runner: Runner, tokenizer: TextTokenizer, *, batch_size: int = 32,
-                 max_batch_tokens: int | None = None, info: dict[str, Any] | None = None):
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, info: dict[str, Any] | None = None):
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
         if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -70,7 +72,7 @@ class Embedder:
     def from_artifact(cls, root: str | Path, *, backend: Backend | str = Backend.AUTO, variant: Variant | str | None = None,
                       verify: bool = True, providers: Sequence[Any] | None = None, allow_fallback: bool = False,
                       truncation: str | Truncation = Truncation.TRUNCATE, batch_size: int = 32,
-                      max_batch_tokens: int | None = None, torch_dtype: str | None = None,
+                      max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, torch_dtype: str | None = None,
                       device: str = "cpu", session_config: dict[str, str] | None = None,
                       intra_op_threads: int | None = None) -> "Embedder":
         """Open an output dir. ``backend="auto"`` picks TensorRT when an engine and TensorRT are present, else
@@ -152,11 +154,14 @@ class Embedder:
 
     def _infer(self, batch: Batch, on_batch: Callable[[BatchStats], None] | None) -> np.ndarray:
         t0 = time.perf_counter()
+        ids, mask = batch.input_ids, batch.attention_mask
+        if self.spec.graph_padding == "right":  # a causal graph: exact for right padding only
+            ids, mask = right_align(ids, mask)
         if self._thread_safe:
-            emb = self.runner.infer(batch.input_ids, batch.attention_mask)
+            emb = self.runner.infer(ids, mask)
         else:
             with self._infer_lock:
-                emb = self.runner.infer(batch.input_ids, batch.attention_mask)
+                emb = self.runner.infer(ids, mask)
         if on_batch is not None:
             on_batch(BatchStats(rows=int(batch.input_ids.shape[0]), tokens=batch.tokens,
                                 padded_tokens=int(batch.input_ids.size), seconds=time.perf_counter() - t0))
@@ -296,10 +301,12 @@ def _ort_runner(art: Artifact, variant: Variant | None, opts: _RunnerOptions, wh
     if opts.verify:
         art.manifest.verify_stage(rec.name)
     session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(opts.session_config or {})}
-    runner = OrtRunner(art.manifest.artifact_path(rec.name, "onnx"), providers=providers,
+    # The CPU provider runs the export's GroupQueryAttention form when the stage wrote one (see export_graph).
+    form = "onnx-cpu" if not cuda and rec.files("onnx-cpu") else "onnx"
+    runner = OrtRunner(art.manifest.artifact_path(rec.name, form), providers=providers,
                        session_config=session_config, allow_fallback=opts.allow_fallback,
                        intra_op_threads=opts.intra_op_threads)
-    return runner, {"backend": "onnxruntime", "variant": variant.value, "why": why, "stage": rec.name}
+    return runner, {"backend": "onnxruntime", "variant": variant.value, "why": why, "stage": rec.name, "form": form}
 
 
 def _verify_model_dir(manifest: Manifest, model_dir: Path) -> None:

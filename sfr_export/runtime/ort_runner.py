@@ -49,6 +49,7 @@ class OrtRunner(Runner):
         self.intra_op_threads = intra_op_threads
         self.allow_fallback = allow_fallback
         self.session: Any = None
+        self.graph_padding = "any"  # "right": the graph is causal-only (sfr_export.stages.export_graph); others are re-padded
 
     def _provider_names(self) -> list[str]:
         return [p if isinstance(p, str) else p[0] for p in self.providers]
@@ -73,6 +74,8 @@ class OrtRunner(Runner):
             raise
         check_providers(self._provider_names(), ort.get_available_providers(), self.session.get_providers(),
                         allow_fallback=self.allow_fallback)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.graph_padding = meta.get("sfr_export.padding_side", "any")
         names = [i.name for i in self.session.get_inputs()]
         if names[:2] != ["input_ids", "attention_mask"]:
             raise ArtifactError(f"{self.onnx_path} inputs are {names}, expected input_ids, attention_mask")
@@ -81,6 +84,10 @@ class OrtRunner(Runner):
         self.session = None
 
     def infer_impl(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.graph_padding == "right":
+            from ..tokenization import right_align
+
+            input_ids, attention_mask = right_align(input_ids, attention_mask)
         out = self.session.run(["sentence_embedding"], {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                                                         "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)})[0]
         return np.asarray(out, dtype=np.float32)

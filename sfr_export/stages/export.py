@@ -1,8 +1,11 @@
 """Stage 2: export the backbone + pooling + L2 norm to ONNX, then validate it against PyTorch.
 
-The graph takes ``input_ids`` and ``attention_mask`` (int64, dynamic ``batch`` and ``sequence``) and returns
-``sentence_embedding`` (float32 [batch, dim]). Export runs in a subprocess (``torch.onnx.export(dynamo=True)``) so its
-memory comes back; validation runs in the same worker, reusing the loaded model.
+The graph (built in :mod:`sfr_export.stages.export_graph`, shared with the low-memory path) takes ``input_ids`` and
+``attention_mask`` (int64, dynamic ``batch`` and ``sequence``) and returns ``sentence_embedding`` (float32
+[batch, dim]); attention is one fused ONNX ``Attention`` node per layer (opset >= 23). Causal models also get
+``model.cpu.onnx``, the ``GroupQueryAttention`` form ONNX Runtime's CPU provider runs in memory linear in L
+(:mod:`sfr_export.stages.ort_attention`). Export runs in a subprocess so its memory comes back; validation runs in the
+same worker, reusing the loaded model, and batches long inputs by a token budget.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..errors import ArtifactError, ExportValidationError, UserInputError
 from ..artifact import ArtifactRecord, StageRecord
 from ..spec import ModelSpec
 from ..artifact import Precision
+from ..vectors import row_cosine
+from .export_graph import OnnxIOSpec, make_wrapper, norms_to_fp32  # noqa: F401  (re-exported: one graph module)
 from .common import progress, run_worker, worker_main
 
 log = logging.getLogger(__name__)
@@ -28,47 +33,11 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf caps one file at 2 GiB; stay
 
 
 @dataclass(frozen=True)
-class OnnxIOSpec:
-    """The contract of an exported embedding graph (optimum-style export spec)."""
-
-    inputs: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=lambda: {
-        "input_ids": ("int64", ("batch", "sequence")),
-        "attention_mask": ("int64", ("batch", "sequence")),
-    })
-    output_name: str = "sentence_embedding"
-    output_dtype: str = "float32"
-
-    def check(self, model_path: Path, dim: int | None = None) -> None:
-        import onnx
-
-        m = onnx.load(str(model_path), load_external_data=False)
-        names = {1: "float32", 7: "int64", 10: "float16"}
-        got_inputs = [i.name for i in m.graph.input]
-        if got_inputs != list(self.inputs):
-            raise ExportValidationError(f"exported inputs are {got_inputs}, expected {list(self.inputs)}")
-        for inp in m.graph.input:
-            dtype, axes = self.inputs[inp.name]
-            t = inp.type.tensor_type
-            if names.get(t.elem_type) != dtype:
-                raise ExportValidationError(f"input {inp.name} has elem_type {t.elem_type}, expected {dtype}")
-            dims = t.shape.dim
-            if len(dims) != len(axes) or any(d.dim_value for d in dims):
-                raise ExportValidationError(f"input {inp.name} must have dynamic axes {axes}, got {[d.dim_param or d.dim_value for d in dims]}")
-        outs = [o.name for o in m.graph.output]
-        if outs != [self.output_name]:
-            raise ExportValidationError(f"exported outputs are {outs}, expected ['{self.output_name}']")
-        t = m.graph.output[0].type.tensor_type
-        if names.get(t.elem_type) != self.output_dtype:
-            raise ExportValidationError(f"output has elem_type {t.elem_type}, expected {self.output_dtype}")
-        if dim is not None and len(t.shape.dim) == 2 and t.shape.dim[1].dim_value not in (0, dim):
-            raise ExportValidationError(f"output dim is {t.shape.dim[1].dim_value}, expected {dim}")
-
-
-@dataclass(frozen=True)
 class ExportConfig:
     precision: Precision = Precision.FP32
-    opset: int = 18
+    opset: int = 23  # the first opset with a fused Attention op; lower ones decompose it over L x L scores
     validate: bool = True
+    cpu_form: bool = True  # causal graphs: also write model.cpu.onnx (GroupQueryAttention, ONNX Runtime CPU)
     low_memory: str = "auto"  # auto | on | off: build the graph on the meta device and stream weights in
     min_cosine: float | None = None  # default per precision: fp32 0.99999, fp16 0.9995
 
@@ -76,6 +45,9 @@ class ExportConfig:
         object.__setattr__(self, "precision", Precision.parse(str(getattr(self.precision, "value", self.precision))))
         if self.precision is Precision.INT8:
             raise UserInputError("export writes fp32 or fp16 ONNX; int8 comes from `sfr-export calibrate` (or build --precision int8)")
+        if self.opset < 23:
+            raise UserInputError(f"opset {self.opset} has no fused Attention op (attention would be MatMul/Softmax over "
+                                 "L x L scores); use opset 23 or later")
         if self.low_memory not in ("auto", "on", "off"):
             raise UserInputError(f"low_memory must be auto, on or off, got {self.low_memory!r}")
         if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
@@ -91,48 +63,6 @@ class ExportConfig:
         d = asdict(self)
         d["precision"] = self.precision.value
         return d
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The wrapper traced into the graph
-# ------------------------------------------------------------------------------------------------------------------
-def make_wrapper(backbone: Any, spec: ModelSpec) -> Any:
-    import torch
-
-    from ..pooling import pool_and_normalize
-
-    class EmbeddingWrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return pool_and_normalize(hidden, attention_mask, spec.pooling, spec.normalize)
-
-    return EmbeddingWrapper().eval()
-
-
-def norms_to_fp32(model: Any) -> int:
-    """Run every RMSNorm/LayerNorm in float32 inside an fp16 model (inputs upcast, outputs cast back)."""
-    import torch
-
-    count = 0
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.LayerNorm) or type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
-            mod.float()
-
-            def pre(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                _m._sfr_in_dtype = args[0].dtype
-                return (args[0].float(), *args[1:])
-
-            def post(_m: Any, _args: Any, out: Any) -> Any:
-                return out.to(_m._sfr_in_dtype)
-
-            mod.register_forward_pre_hook(pre)
-            mod.register_forward_hook(post)
-            count += 1
-    return count
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,47 +84,92 @@ def validation_texts(spec: ModelSpec, sliding_window: int | None) -> list[str]:
     return texts
 
 
-def compare_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-    cand = cand / np.maximum(np.linalg.norm(cand, axis=1, keepdims=True), 1e-12)
-    return (ref * cand).sum(axis=1)
+VALIDATION_TOKEN_BUDGET = 4096  # padded tokens per validation batch: a max-length input rides alone
+
+
+def _embed(runner: Any, tt: Any, seqs: list[list[int]], token_budget: int) -> np.ndarray:
+    from ..runtime.embedder import embed_batches
+    from ..tokenization import length_batches
+
+    batches = length_batches(seqs, tt, batch_size=len(seqs), max_batch_tokens=token_budget)
+    return embed_batches(lambda b: runner.infer(b.input_ids, b.attention_mask), batches, len(seqs))
 
 
 def validate_onnx(onnx_path: Path, torch_runner: Any, tokenizer: Any, spec: ModelSpec, *, threshold: float,
-                  sliding_window: int | None, session_config: dict[str, str] | None = None) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch on one mixed-length batch, right- and left-padded."""
+                  sliding_window: int | None, session_config: dict[str, str] | None = None,
+                  cpu_form: Path | None = None, token_budget: int = VALIDATION_TOKEN_BUDGET) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch on mixed lengths, right- and left-padded, batched by ``token_budget``.
+
+    A causal graph (right padding only) gets the left-padded batch too: ONNX Runtime re-pads it (the runner reads
+    the graph's padding side), so this checks that a left-padded batch is never silently wrong. ``cpu_form`` (the
+    GroupQueryAttention file) is held to the same threshold.
+    """
+    from .export_graph import META_PADDING, graph_metadata
     from ..runtime.ort_runner import OrtRunner
     from ..tokenization import TextTokenizer
 
     texts = validation_texts(spec, sliding_window)
-    results: dict[str, Any] = {"threshold": threshold, "texts": len(texts)}
+    results: dict[str, Any] = {"threshold": threshold, "texts": len(texts), "token_budget": token_budget,
+                               "graph_padding": graph_metadata(onnx_path).get(META_PADDING, "any")}
+    forms = {"onnx": onnx_path, **({"onnx-cpu": cpu_form} if cpu_form is not None else {})}
     worst: tuple[float, str, str] = (2.0, "", "")
-    with OrtRunner(onnx_path, session_config=session_config) as ort_runner:
+    runners = {k: OrtRunner(p, session_config=session_config) for k, p in forms.items()}
+    try:
+        for r in runners.values():
+            r.activate()
         for side in ("right", "left"):
             tt = TextTokenizer(tokenizer, spec.replace(padding_side=side))
             seqs = tt.encode(texts).ids
-            ids, mask = tt.pad(seqs)
-            cos = compare_rows(torch_runner.infer(ids, mask), ort_runner.infer(ids, mask))
-            results[f"{side}_padding"] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                                          "lengths": [len(s) for s in seqs]}
-            i = int(cos.argmin())
-            if cos[i] < worst[0]:
-                worst = (float(cos[i]), texts[i], side)
+            ref = _embed(torch_runner, tt, seqs, token_budget)
+            for kind, runner in runners.items():
+                cos = row_cosine(ref, _embed(runner, tt, seqs, token_budget))
+                key = f"{side}_padding" if kind == "onnx" else f"cpu_form_{side}_padding"
+                results[key] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                                "lengths": [len(s) for s in seqs]}
+                i = int(cos.argmin())
+                if not cos[i] >= worst[0]:
+                    worst = (float(cos[i]), texts[i], f"{side} padding, {kind}")
+    finally:
+        for r in runners.values():
+            r.deactivate()
     results["min_cosine"] = worst[0]
     if worst[0] < threshold or not np.isfinite(worst[0]):
         raise ExportValidationError(
             f"ONNX output disagrees with PyTorch: min cosine {worst[0]:.6f} < {threshold} "
-            f"on input {worst[1][:60]!r}… ({worst[2]} padding)", worst_text=worst[1], min_cosine=worst[0])
+            f"on input {worst[1][:60]!r}… ({worst[2]})", worst_text=worst[1], min_cosine=worst[0])
     return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Worker (subprocess)
 # ------------------------------------------------------------------------------------------------------------------
+def _export_in_memory(model_dir: Path, spec: ModelSpec, cfg: ExportConfig, onnx_path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the weights, trace, save. Returns (backbone, plan, figures)."""
+    from .export_graph import OnnxIOSpec, export_program, make_wrapper, norms_to_fp32
+    from ..models import load_backbone
+
+    progress("loading weights")
+    backbone = load_backbone(model_dir, dtype="float32")
+    if cfg.precision is Precision.FP16:
+        backbone = backbone.half()
+        norms_to_fp32(backbone)
+    wrapper = make_wrapper(backbone, spec)
+    progress(f"tracing with torch.onnx.export(dynamo=True), opset {cfg.opset}, {wrapper.plan.form.value} attention")
+    prog = export_program(wrapper, OnnxIOSpec(), opset=cfg.opset, optimize=True)
+    param_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    external = param_bytes > EXTERNAL_DATA_THRESHOLD
+    progress("writing ONNX" + (" with external data" if external else ""))
+    prog.save(str(onnx_path), external_data=external)
+    del prog
+    return backbone, wrapper.plan, {"external_data": external}
+
+
 def _export_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ..models import load_backbone, load_tokenizer
+    from .export_graph import OnnxIOSpec
+    from ..models import load_tokenizer
+    from .ort_attention import write_cpu_form
     from ..runtime.torch_runner import TorchRunner
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -212,47 +187,72 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
 
         progress("building the graph on the meta device (low-memory path)")
         info = export_low_memory(model_dir, spec, cfg, onnx_path)
-        backbone = None
+        backbone, plan = None, plan_attention_from_dir(model_dir)
     else:
-        progress("loading weights")
-        backbone = load_backbone(model_dir, dtype="float32")
-        if cfg.precision is Precision.FP16:
-            backbone = backbone.half()
-            norms_to_fp32(backbone)
-        wrapper = make_wrapper(backbone, spec)
-        ids = torch.full((2, 8), 5, dtype=torch.long)
-        mask = torch.ones_like(ids)
-        batch = torch.export.Dim("batch")
-        seq = torch.export.Dim("sequence")
-        progress("tracing with torch.onnx.export(dynamo=True)")
-        prog = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"],
-                                 output_names=["sentence_embedding"], opset_version=cfg.opset,
-                                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                                 dynamo=True, optimize=True, verbose=False)
-        param_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
-        external = param_bytes > EXTERNAL_DATA_THRESHOLD
-        progress("writing ONNX" + (" with external data" if external else ""))
-        prog.save(str(onnx_path), external_data=external)
-        del prog
-        info = {"external_data": external}
-    export_seconds = time.time() - t0
+        backbone, plan, info = _export_in_memory(model_dir, spec, cfg, onnx_path)
     OnnxIOSpec().check(onnx_path)
-    result: dict[str, Any] = {"export_seconds": export_seconds, "low_memory": low_memory, **info}
+    cpu_path = None
+    if cfg.cpu_form and plan.form.value == "causal":
+        progress("writing the ONNX Runtime CPU form (GroupQueryAttention)")
+        cpu_path, _n = write_cpu_form(onnx_path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
+    export_seconds = time.time() - t0
+    result: dict[str, Any] = {"export_seconds": export_seconds, "low_memory": low_memory, "attention": plan.to_dict(),
+                              "cpu_form": cpu_path is not None, **info}
     if cfg.validate:
-        progress("validating against PyTorch (mixed lengths, left and right padding)")
+        progress("validating against PyTorch (mixed lengths, left and right padding, batched by tokens)")
         tok = load_tokenizer(model_dir)
         # fp32: the exported backbone is the reference; fp16: free it before loading the fp32 reference.
         reuse = backbone if cfg.precision is Precision.FP32 else None
-        if reuse is None and not low_memory:
-            del wrapper, backbone
-            import gc
+        del backbone
+        import gc
 
-            gc.collect()
+        gc.collect()
         ref = TorchRunner(model_dir, spec, dtype="float32", model=reuse)
         ref.activate()
         sliding = getattr(ref.model.config, "sliding_window", None)
-        result["validation"] = validate_onnx(onnx_path, ref, tok, spec, threshold=cfg.threshold, sliding_window=sliding)
+        result["validation"] = validate_onnx(onnx_path, ref, tok, spec, threshold=cfg.threshold,
+                                             sliding_window=sliding, cpu_form=cpu_path)
     return result
+
+
+def plan_attention_from_dir(model_dir: Path) -> Any:
+    """The attention plan of a model dir, from a weightless (meta-device) instance of its backbone."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from ..errors import ModelLoadError
+    from .export_graph import plan_attention
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not read {model_dir}/config.json: {str(exc).splitlines()[0][:200]}") from exc
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config, attn_implementation="sdpa")
+    return plan_attention(backbone)
+
+
+def with_graph_padding(model: Any) -> Any:
+    """``model`` (a ResolvedModel) with the padding its exported graph will require recorded in the spec.
+
+    Causal models export without a padding mask, so their artifacts pad right whatever the tokenizer config says.
+    """
+    import dataclasses
+
+    plan = plan_attention_from_dir(Path(model.local_dir))
+    if plan.padding_side == "right":
+        if model.spec.padding_side != "right":
+            log.info("the causal graph is exact for right padding only: the artifact pads right")
+        return dataclasses.replace(model, spec=model.spec.replace(padding_side="right", graph_padding="right"))
+    return dataclasses.replace(model, spec=model.spec.replace(graph_padding="any"))
+
+
+def _artifact_kind(p: Path) -> str:
+    from .ort_attention import CPU_FORM_NAME
+
+    if p.name == CPU_FORM_NAME:
+        return "onnx-cpu"  # the GroupQueryAttention form the CPU provider runs (runtime.embedder picks it)
+    return "onnx" if p.suffix == ".onnx" else "onnx-data"
 
 
 def onnx_files(d: Path) -> list[Path]:
@@ -265,6 +265,7 @@ def run_export(root: Path, model: Any, config: ExportConfig, *, force: bool = Fa
     from .common import prepare_output
 
     root = Path(root)
+    model = with_graph_padding(model)
     manifest = prepare_output(root, model)
     variant = config.precision.value
     name = f"export:{variant}"
@@ -290,7 +291,7 @@ def run_export(root: Path, model: Any, config: ExportConfig, *, force: bool = Fa
         tmp_dir.rename(final_dir)  # the .onnx and its .data move together
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    arts = [ArtifactRecord.of(root, p, "onnx" if p.suffix == ".onnx" else "onnx-data") for p in onnx_files(final_dir)]
+    arts = [ArtifactRecord.of(root, p, _artifact_kind(p)) for p in onnx_files(final_dir)]
     rec = StageRecord(stage="export", name=name, config={**config.to_dict(), "variant": variant}, artifacts=arts,
                       figures=result)
     manifest.record(rec)

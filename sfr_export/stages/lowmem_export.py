@@ -4,9 +4,10 @@ The normal export path loads the whole model, traces it and lets the exporter se
 few times the weight bytes of RAM. Here instead:
 
 1. the backbone is built from ``config.json`` on the ``meta`` device (no storage), wrapped with the same
-   :func:`~sfr_export.stages.export.make_wrapper` (pooling from :mod:`sfr_export.pooling`) and, for fp16, given the
-   same dtype policy (:func:`~sfr_export.stages.export.norms_to_fp32`);
-2. ``torch.onnx.export(dynamo=True, optimize=False)`` traces it with meta example inputs, so every initializer of the
+   :func:`~sfr_export.stages.export_graph.make_wrapper` (pooling from :mod:`sfr_export.pooling`, fused attention) and, for
+   fp16, given the same dtype policy (:func:`~sfr_export.stages.export_graph.norms_to_fp32`);
+2. :func:`~sfr_export.stages.export_graph.export_program` (the one ``torch.onnx.export`` call, here with
+   ``optimize=False``) traces it with meta example inputs, so every initializer of the
    resulting ONNX IR model still holds a meta tensor (shape and dtype, no data); the exporter's onnxscript optimizer
    then runs with those initializers detached (it would otherwise try to constant-fold meta tensors);
 3. each initializer is mapped to a safetensors key (``backbone.`` prefix, ``model.``/base-prefix checkpoints, tied
@@ -30,7 +31,6 @@ import inspect
 import json
 import logging
 import os
-import resource
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any
 from ..errors import ExportValidationError, ModelLoadError
 from ..spec import ModelSpec
 from ..artifact import Precision
+from ..worker import peak_rss_mb
 from .common import progress
 
 log = logging.getLogger(__name__)
@@ -50,22 +51,6 @@ _IR_DTYPES = {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16", 
               "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB: VmHWM on Linux, else ru_maxrss.
-
-    ru_maxrss is not used on Linux because it survives exec: a worker spawned by a process that once held N GB
-    reports at least N GB. VmHWM belongs to the current address space only.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -140,7 +125,7 @@ def build_meta_wrapper(model_dir: Path, spec: ModelSpec, precision: Precision) -
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from .export import make_wrapper, norms_to_fp32
+    from .export_graph import make_wrapper, norms_to_fp32
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -156,19 +141,11 @@ def build_meta_wrapper(model_dir: Path, spec: ModelSpec, precision: Precision) -
 
 
 def trace_graph(wrapper: Any, opset: int) -> Any:
-    """``torch.onnx.export(dynamo=True)`` on meta inputs; returns the ONNX IR model whose weights are still meta."""
-    import torch
+    """The shared export call on meta inputs; returns the ONNX IR model whose weights are still meta."""
+    from .export_graph import OnnxIOSpec, export_program
 
-    ids = torch.full((2, 8), 5, dtype=torch.long, device="meta")
-    mask = torch.ones_like(ids)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("sequence")
     # optimize=False: the onnxscript optimizer would try to constant-fold meta tensors
-    prog = torch.onnx.export(wrapper, (ids, mask), input_names=["input_ids", "attention_mask"],
-                             output_names=["sentence_embedding"], opset_version=opset,
-                             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                             dynamo=True, optimize=False, verbose=False)
-    return prog.model
+    return export_program(wrapper, OnnxIOSpec(), opset=opset, optimize=False, device="meta").model
 
 
 def optimize_without_weights(model: Any) -> int:
@@ -403,7 +380,7 @@ def export_low_memory(model_dir: Path, spec: ModelSpec, cfg: Any, onnx_path: Pat
     model = trace_graph(wrapper, cfg.opset)
     progress("optimizing the graph (weights detached)")
     optimize_without_weights(model)
-    graph_peak = _peak_rss_mb()
+    graph_peak = peak_rss_mb()
     plans, buffers = map_initializers(model, wrapper, config, index)
     folded = fold_weight_transposes(model, plans)
     del wrapper
@@ -418,4 +395,4 @@ def export_low_memory(model_dir: Path, spec: ModelSpec, cfg: Any, onnx_path: Pat
     return {"external_data": True, "weights_streamed": len(plans),
             "transposes_folded": folded,
             "buffers_recomputed": [p.onnx_name for p in plans if p.source.startswith("buffer:")],
-            "external_data_bytes": data_bytes, "graph_peak_rss_mb": graph_peak, "export_peak_rss_mb": _peak_rss_mb()}
+            "external_data_bytes": data_bytes, "graph_peak_rss_mb": graph_peak, "export_peak_rss_mb": peak_rss_mb()}

@@ -61,7 +61,7 @@ def test_conforming_graph_runs_in_onnxruntime_close_to_float():
 def test_weight_only_tiny_mistral_passes_and_stays_faithful(tiny_export, tiny_int8_onnx):
     """The TensorRT form on a real decoder graph: conforms, and ONNX Runtime CPU keeps cos > 0.999 vs fp32."""
     from sfr_export.runtime.ort_runner import OrtRunner
-    from sfr_export.stages.export import compare_rows
+    from sfr_export.vectors import row_cosine
 
     report = check_qdq(tiny_int8_onnx)
     assert report, report.summary()
@@ -71,7 +71,7 @@ def test_weight_only_tiny_mistral_passes_and_stays_faithful(tiny_export, tiny_in
     mask = np.ones_like(ids)
     mask[1, 17:] = 0
     with OrtRunner(tiny_export / "onnx" / "fp32" / "model.onnx") as f32, OrtRunner(tiny_int8_onnx) as i8:
-        cos = compare_rows(f32.infer(ids, mask), i8.infer(ids, mask))
+        cos = row_cosine(f32.infer(ids, mask), i8.infer(ids, mask))
     assert cos.min() > 0.999, cos
 
 

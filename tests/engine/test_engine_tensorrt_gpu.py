@@ -38,7 +38,7 @@ def test_engine_matches_onnxruntime_and_splits_batches(engine_dir):
     from sfr_export.artifact import Manifest
     from sfr_export.runtime.ort_runner import OrtRunner
     from sfr_export.runtime.tensorrt_runner import TensorRTRunner
-    from sfr_export.stages.export import compare_rows
+    from sfr_export.vectors import row_cosine
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 32000, size=(11, 20)).astype(np.int64)  # 11 > max batch 8: split in two calls
@@ -46,7 +46,7 @@ def test_engine_matches_onnxruntime_and_splits_batches(engine_dir):
     mask[3, 12:] = 0
     with TensorRTRunner.from_manifest(Manifest.load(engine_dir)) as trt, \
             OrtRunner(engine_dir / "onnx" / "fp32" / "model.onnx") as ort_runner:
-        cos = compare_rows(ort_runner.infer(ids, mask), trt.infer(ids, mask))
+        cos = row_cosine(ort_runner.infer(ids, mask), trt.infer(ids, mask))
         assert cos.min() > 0.999
         one = trt.infer(ids[:1, :2], mask[:1, :2])  # under min seq 4: right-padded with mask 0
         np.testing.assert_allclose(one, ort_runner.infer(ids[:1, :2], mask[:1, :2]), atol=2e-2)

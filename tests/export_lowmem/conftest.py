@@ -39,10 +39,11 @@ def meta_trace(tiny):
     Tests must leave it as they found it (mapping is read-only; temporary edits are undone).
     """
     from sfr_export.artifact import Precision
+    from sfr_export.stages.export_graph import DEFAULT_OPSET
     from sfr_export.stages.lowmem_export import (SafetensorsIndex, build_meta_wrapper, optimize_without_weights,
                                                  trace_graph)
 
     wrapper, config = build_meta_wrapper(tiny.local_dir, tiny.spec, Precision.FP32)
-    model = trace_graph(wrapper, 18)
+    model = trace_graph(wrapper, DEFAULT_OPSET)
     optimize_without_weights(model)
     return model, wrapper, config, SafetensorsIndex(tiny.local_dir)

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from safetensors import safe_open
 
-from sfr_export.stages.export import OnnxIOSpec, compare_rows
+from sfr_export.stages.export import OnnxIOSpec
+from sfr_export.vectors import row_cosine
 
 TEXTS = [
     "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: how do vaccines work?",
@@ -35,7 +36,7 @@ def _min_cosine_vs_torch(onnx_path, tiny) -> dict[str, float]:
             tt = TextTokenizer(tok, tiny.spec.replace(padding_side=side))
             ids, mask = tt.pad(tt.encode(TEXTS).ids)
             assert mask.sum(axis=1).min() < mask.shape[1], "the batch must contain padding"
-            out[side] = float(compare_rows(ref.infer(ids, mask), ort.infer(ids, mask)).min())
+            out[side] = float(row_cosine(ref.infer(ids, mask), ort.infer(ids, mask)).min())
     return out
 
 

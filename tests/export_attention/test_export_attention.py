@@ -1,0 +1,156 @@
+"""Fused attention in the exported graphs: no L x L Softmax, exact past the sliding window, right padding enforced."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from sfr_export.errors import UserInputError
+from sfr_export.artifact import Manifest
+from sfr_export.runtime.ort_runner import OrtRunner
+from sfr_export.vectors import row_cosine
+
+
+def _graph(root, variant="fp32", kind="onnx"):
+    path = Manifest.load(root).artifact_path(f"export:{variant}", kind)
+    return path, onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+
+
+def _shapes(model):
+    g = model.graph
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*g.value_info, *g.input, *g.output]}
+
+
+def _random_batch(lengths, vocab=32000, seed=0, side="right"):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[r, cols] = rng.integers(10, vocab - 1, size=n)
+        mask[r, cols] = 1
+    return ids, mask
+
+
+def _torch(root):
+    from sfr_export.runtime import Embedder
+
+    return Embedder.from_artifact(root, backend="torch").runner
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_causal_graph_has_one_attention_node_per_layer_and_no_softmax(tiny_artifact, variant):
+    _path, m = _graph(tiny_artifact, variant)
+    ops = [n.op_type for n in m.graph.node]
+    assert "Softmax" not in ops, "attention must not be decomposed into MatMul/Softmax over L x L scores"
+    attn = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert len(attn) == 2  # demo:tiny-mistral has 2 layers
+    shapes = _shapes(m)
+    for n in attn:
+        q, k = shapes[n.input[0]], shapes[n.input[1]]
+        assert q[1] == 4 and k[1] == 2, "GQA: K/V keep their 2 heads (not repeated to 4)"
+        # the sliding window (32 < 1024 positions) is one [L, L] band shared by every row and head
+        assert len(n.input) == 4 and shapes[n.input[3]] == ["sequence", "sequence"], shapes.get(n.input[3])
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta == {"sfr_export.attention": "causal", "sfr_export.padding_side": "right",
+                    "sfr_export.sliding_window": "32"}
+
+
+def test_cpu_form_is_group_query_attention_with_the_window(tiny_artifact):
+    _path, m = _graph(tiny_artifact, "fp32", "onnx-cpu")
+    ops = [n.op_type for n in m.graph.node]
+    assert "Softmax" not in ops and "Attention" not in ops
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.domain == "com.microsoft" for n in gqa)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2 and attrs["local_window_size"] == 32
+
+
+def test_both_forms_match_torch_past_the_sliding_window(tiny_artifact):
+    """Rows up to demo:tiny-mistral's max length (128), four times its window (32), right padded."""
+    ids, mask = _random_batch([128, 100, 33, 7, 64])
+    ref = _torch(tiny_artifact).infer(ids, mask)
+    m = Manifest.load(tiny_artifact)
+    for kind in ("onnx", "onnx-cpu"):
+        with OrtRunner(m.artifact_path("export:fp32", kind)) as r:
+            cos = row_cosine(ref, r.infer(ids, mask))
+        assert cos.min() >= 0.99999, (kind, cos)
+
+
+def test_left_padded_batch_is_repadded_never_silently_wrong(tiny_artifact):
+    right_ids, right_mask = _random_batch([90, 40, 12], seed=3)
+    left_ids, left_mask = _random_batch([90, 40, 12], seed=3, side="left")
+    ref = _torch(tiny_artifact).infer(right_ids, right_mask)
+    m = Manifest.load(tiny_artifact)
+    for kind in ("onnx", "onnx-cpu"):
+        with OrtRunner(m.artifact_path("export:fp32", kind)) as r:
+            assert r.graph_padding == "right"
+            assert row_cosine(ref, r.infer(left_ids, left_mask)).min() >= 0.99999, kind
+            holes = right_mask.copy()
+            holes[0, 5] = 0
+            with pytest.raises(UserInputError, match="holes"):
+                r.infer(right_ids, holes)
+
+
+def test_causal_artifact_spec_and_embedder(tiny_artifact):
+    from sfr_export.runtime import Embedder
+
+    spec = json.loads((tiny_artifact / "spec.json").read_text())
+    assert spec["graph_padding"] == "right" and spec["padding_side"] == "right"
+    e = Embedder.from_artifact(tiny_artifact, backend="onnxruntime", variant="fp32")
+    assert e.info["form"] == "onnx-cpu"  # the CPU provider runs the GroupQueryAttention form
+    seen = []
+    e.encode_ids(e.tokenize(["word " * 120] * 6).ids, max_batch_tokens=256, on_batch=seen.append)
+    assert max(s.padded_tokens for s in seen) <= 256 and sum(s.rows for s in seen) == 6
+
+
+def test_validation_covers_the_cpu_form_and_batches_by_tokens(tiny_artifact):
+    v = Manifest.load(tiny_artifact).stage("export:fp32").figures["validation"]
+    assert v["token_budget"] == 4096 and v["graph_padding"] == "right"
+    for key in ("right_padding", "left_padding", "cpu_form_right_padding", "cpu_form_left_padding"):
+        assert v[key]["min_cosine"] >= 0.99999, key
+    assert max(v["right_padding"]["lengths"]) > 32  # past the window
+
+
+def test_opset_below_23_is_refused():
+    from sfr_export.stages.export import ExportConfig
+
+    with pytest.raises(UserInputError, match="opset 18"):
+        ExportConfig(opset=18)
+
+
+def test_minilm_key_padding_mask_and_padding_invariance(minilm_artifact):
+    _path, m = _graph(minilm_artifact)
+    assert "Softmax" not in [n.op_type for n in m.graph.node]
+    attn = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert len(attn) == 6 and len({n.input[3] for n in attn}) == 1, "one mask tensor shared by every layer"
+    assert {p.key: p.value for p in m.metadata_props}["sfr_export.padding_side"] == "any"
+    assert json.loads((minilm_artifact / "spec.json").read_text())["graph_padding"] == "any"
+    from sfr_export.runtime import Embedder
+
+    e = Embedder.from_artifact(minilm_artifact, backend="onnxruntime")
+    text = "A man is playing a guitar."
+    alone = e.encode([text])
+    longer = "The stock market fell sharply today after the central bank raised interest rates again. " * 4
+    # the spec's side (right): BERT's absolute positions make a left-padded row a different input, in torch too
+    assert e.spec.padding_side == "right"
+    batched = e.encode([longer, text])
+    assert batched.shape == (2, 384) and float(alone[0] @ batched[1]) >= 0.99999
+
+
+@pytest.mark.slow
+def test_smollm2_matches_torch_at_2048_tokens(smollm2_artifact):
+    """Past the spec's max length (512), at 2,048 positions: both forms against transformers (sdpa, padding mask)."""
+    ids, mask = _random_batch([2048, 1500], vocab=49152, seed=7)
+    ref = _torch(smollm2_artifact).infer(ids, mask)
+    m = Manifest.load(smollm2_artifact)
+    for kind in ("onnx", "onnx-cpu"):
+        with OrtRunner(m.artifact_path("export:fp32", kind), intra_op_threads=2) as r:
+            cos = row_cosine(ref, r.infer(ids, mask))
+        assert cos.min() >= 0.99999, (kind, cos)
