@@ -178,6 +178,9 @@ class QuantPlan:
     # torch linear name -> the online rotation of its input (sfr_export.quant.rotation); ``weight_of`` must then
     # return the rotated weight ``W R``
     rotations: dict[str, Rotation] = field(default_factory=dict)
+    # w8a8: the first ``prefix_float`` positions (axis 1) skip activation quantization: the MatMul is split into a
+    # float-activation MatMul on them (same int8 weight) and a Q/DQ MatMul on the rest, concatenated (right padding)
+    prefix_float: int = 0
 
 
 def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,23 +245,40 @@ WEIGHT_WRITERS: dict[str, Callable[[_Edit, MatMulInfo, np.ndarray], None]] = {
 
 # --- the activation side: rewrite one MatMul node (its input already rotated when planned) --------------------------
 def _act_w8a8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
-    """A static per-tensor symmetric ``QuantizeLinear -> DequantizeLinear`` on input A (shared by its readers)."""
+    """A static per-tensor symmetric ``QuantizeLinear -> DequantizeLinear`` on input A (shared by its readers); with
+    ``prefix_float`` the leading positions bypass it through their own MatMul."""
     from onnx import TensorProto, helper
 
     a = n.input[0]
+    p = e.plan.prefix_float
+    if p and f"head:{a}" not in e.shared:
+        e.new_inits += [helper.make_tensor(f"{a}_pf_0", TensorProto.INT64, [1], [0]),
+                        helper.make_tensor(f"{a}_pf_p", TensorProto.INT64, [1], [p]),
+                        helper.make_tensor(f"{a}_pf_end", TensorProto.INT64, [1], [2 ** 62]),
+                        helper.make_tensor(f"{a}_pf_axis", TensorProto.INT64, [1], [1])]
+        nodes += [helper.make_node("Slice", [a, f"{a}_pf_0", f"{a}_pf_p", f"{a}_pf_axis"], [f"{a}_head"], name=f"{a}_Head"),
+                  helper.make_node("Slice", [a, f"{a}_pf_p", f"{a}_pf_end", f"{a}_pf_axis"], [f"{a}_tail"], name=f"{a}_Tail")]
+        e.shared[f"head:{a}"] = f"{a}_head"
+    q_in = f"{a}_tail" if p else a
     if a not in e.shared:
         thr = e.plan.act_thresholds.get(info.module)
         if thr is None or not np.isfinite(thr):
             raise CalibrationError(f"no calibrated activation range for {info.module}")
-        p = f"{a}_act"
-        e.new_inits += [helper.make_tensor(f"{p}_scale", TensorProto.FLOAT, [], [act_scale(thr)]),
-                        helper.make_tensor(f"{p}_zp", TensorProto.INT8, [], [0])]
-        nodes.append(helper.make_node("QuantizeLinear", [a, f"{p}_scale", f"{p}_zp"], [f"{p}_q"], name=f"{p}_Q"))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{p}_q", f"{p}_scale", f"{p}_zp"], [f"{p}_dq"], name=f"{p}_DQ"))
-        e.shared[a] = f"{p}_dq"
+        pre = f"{a}_act"
+        e.new_inits += [helper.make_tensor(f"{pre}_scale", TensorProto.FLOAT, [], [act_scale(thr)]),
+                        helper.make_tensor(f"{pre}_zp", TensorProto.INT8, [], [0])]
+        nodes.append(helper.make_node("QuantizeLinear", [q_in, f"{pre}_scale", f"{pre}_zp"], [f"{pre}_q"], name=f"{pre}_Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{pre}_q", f"{pre}_scale", f"{pre}_zp"], [f"{pre}_dq"], name=f"{pre}_DQ"))
+        e.shared[a] = f"{pre}_dq"
         e.qdq_pairs += 1
-    n.input[0] = e.shared[a]
-    return n
+    if not p:
+        n.input[0] = e.shared[a]
+        return n
+    w = e.replaced.get(n.input[1], n.input[1])
+    out = n.output[0]
+    nodes += [helper.make_node("MatMul", [e.shared[f"head:{a}"], w], [f"{out}_head"], name=f"{n.name}_head"),
+              helper.make_node("MatMul", [e.shared[a], w], [f"{out}_tail"], name=f"{n.name}_tail")]
+    return helper.make_node("Concat", [f"{out}_head", f"{out}_tail"], [out], name=f"{n.name}_concat", axis=1)
 
 
 def _act_nbits8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:

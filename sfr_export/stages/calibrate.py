@@ -60,6 +60,10 @@ class CalibrateConfig:
     # online rotations of the linear inputs (sfr_export.quant.rotation): auto = on with an fp32 reference (the fold
     # is then proven at min cos >= 0.99999), off with bf16 (re-rounding the rotated weights cannot be proven exact)
     rotation: str = "auto"
+    # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
+    # and are left out of the static ranges: a causal decoder's first token carries the massive activations
+    # (|x| ~ 3250 at real SmolLM2's down_proj input) that would otherwise set every per-tensor scale
+    prefix_float: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -72,6 +76,8 @@ class CalibrateConfig:
             raise UserInputError(f"w8a8_margin must be in [0, 1), got {self.w8a8_margin}")
         if not 0.0 <= self.max_float_fraction <= 1.0:
             raise UserInputError(f"max_float_fraction must be in [0, 1], got {self.max_float_fraction}")
+        if self.prefix_float < 0:
+            raise UserInputError(f"prefix_float must be >= 0, got {self.prefix_float}")
         if self.batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reference_dtype not in ("auto", "float32", "bfloat16"):
@@ -233,7 +239,7 @@ def _load_model(inp: _Inputs, job: dict[str, Any]) -> None:
         if not torch.isfinite(linears[n].weight.detach()).all():
             raise CalibrationError(f"weight of {n} is not finite")
     inp.ev = sens.Evaluator(embed=torch_embedder(inp.model, ModelSpec.from_dict(job["spec"])), holdout_batches=inp.hold_b,
-                            pair_batches=inp.pair_b, gold=inp.gold)
+                            pair_batches=inp.pair_b, gold=inp.gold, prefix=inp.cfg.prefix_float)
     inp.ev.reference()
     inp.figures.update({"matmuls_mapped": len(inp.mapping), "linears_in_model": len(linears), "reference_dtype": ref_dtype,
                         "fp32_weight_bytes": fp32_bytes})
@@ -270,7 +276,9 @@ def _observe(inp: _Inputs) -> tuple[dict[str, Any], dict[str, float], dict[str, 
     names, cfg, model = list(inp.mapping), inp.cfg, inp.model
     batches = [(b.input_ids, b.attention_mask) for b in inp.calib_b]
     progress(f"observing {len(names)} linear inputs on {len(inp.calib_b)} batches")
-    stats, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method="minmax"), seed=inp.recipe.seed)
+    skip = cfg.prefix_float
+    stats, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method="minmax", skip_prefix=skip),
+                                    seed=inp.recipe.seed)
     inp.figures["activation_absmax_top"] = dict(sorted(((n, round(v, 2)) for n, v in thresholds.items()), key=lambda kv: -kv[1])[:8])
     alpha = cfg.alpha()
     norm_updates: dict[str, np.ndarray] = {}
@@ -289,7 +297,7 @@ def _observe(inp: _Inputs) -> tuple[dict[str, Any], dict[str, float], dict[str, 
         inp.figures["smoothquant"]["alphas"] = {k: v["alpha"] for k, v in rep["per_group"].items()}
     if alpha is not None or cfg.method != "minmax":
         progress(f"activation ranges by {cfg.method}")
-        _, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method=cfg.method, percentile=cfg.percentile),
+        _, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method=cfg.method, percentile=cfg.percentile, skip_prefix=skip),
                                     seed=inp.recipe.seed)
     return stats, thresholds, norm_updates
 
@@ -303,7 +311,8 @@ def _write_qdq(inp: _Inputs, sel: Any, thresholds: dict[str, float], norm_update
     qdir.mkdir(parents=True)
     progress("writing the Q/DQ model")
     return qdq.build_quantized(inp.src, qdir / "model.onnx", inp.mapping,
-                               qdq.QuantPlan(sel.modes, thresholds, rotations=inp.rotations),
+                               qdq.QuantPlan(sel.modes, thresholds, rotations=inp.rotations,
+                                             prefix_float=inp.cfg.prefix_float),
                                weight_of=lambda n: mods[n].weight.detach().float().numpy(),
                                bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().float().numpy(),
                                norm_updates=norm_updates)
