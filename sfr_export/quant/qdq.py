@@ -433,3 +433,27 @@ def qdq_summary(path: Path) -> dict[str, Any]:
         elif n.op_type == "QuantizeLinear":
             out["quantize_activation"].append({"node": n.name, "tensor": n.input[0], "per_tensor": len(inits[n.input[1]].dims) == 0})
     return out
+
+
+def w8a8_mac_share(path: Path) -> dict[str, Any]:
+    """From the Q/DQ graph alone: the share of linear multiply-adds (per token, ``K x N`` of each MatMul with a
+    dequantized int8 weight) whose activation input is Q/DQ too (W8A8). A linear split by ``prefix_float`` counts
+    once, by its Q/DQ part (every token but the prefix)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    total = w8a8 = 0
+    linears = 0
+    for n in m.graph.node:
+        b = prod.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in inits or n.name.endswith("_head"):
+            continue
+        k, nn = (int(d) for d in inits[b.input[0]].dims)
+        a = prod.get(n.input[0])
+        linears += 1
+        total += k * nn
+        if a is not None and a.op_type == "DequantizeLinear" and a.input[0] not in inits:
+            w8a8 += k * nn
+    return {"linears": linears, "w8a8_mac_share": round(w8a8 / total, 4) if total else 0.0}
