@@ -3,6 +3,9 @@
     python benchmarks/bench_int8.py fidelity [--models minilm,smollm2] [--methods minmax] [--smoothing auto,off]
     python benchmarks/bench_int8.py speed    [--layers 2]        # full-width Mistral, B8 x L128
     python benchmarks/bench_int8.py peer                          # MiniLM vs sentence-transformers' avx512_vnni int8
+    python benchmarks/bench_int8.py smollm2 [--artifact DIR] [--levers] [--other-sts]   # real SmolLM2, one thread:
+        # the offered int8 forms and the lever table (row8 / rotated / nbits8) on all 1379 STSB test pairs, the W8A8
+        # MAC share of the Q/DQ graph, tokens/s against torch fp32 eager at B8xL128 and B1xL32 side by side
     python benchmarks/bench_int8.py all
 
 Fidelity is measured against the PyTorch fp32 reference on ALL 1379 STSBenchmark test pairs (2758 sentences, STS
@@ -245,7 +248,7 @@ def total_params(layers: int) -> int:
     return linear_params(layers) + 32000 * 4096
 
 
-def int8_peak() -> float:
+def int8_peak(threads: int = 0) -> float:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -257,7 +260,9 @@ def int8_peak() -> float:
                           [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
                           [helper.make_tensor("b", TensorProto.INT8, [k, n], np.random.default_rng(0).integers(-127, 127, (k, n), dtype=np.int8).tobytes(), raw=True)])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     a = np.random.default_rng(1).integers(0, 255, (m, k), dtype=np.uint8)
     s.run(None, {"a": a})
     ts = []
@@ -358,6 +363,172 @@ def cmd_peer(args) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Real SmolLM2: offered forms + lever table, one thread, side by side
+# ----------------------------------------------------------------------------------------------------------------
+OTHER_STS = (("STS13", "semeval-sts-tsv"), ("STS14", "semeval-sts-tsv"), ("STS15", "semeval-sts-tsv"), ("STS16", "semeval-sts-tsv"),
+             ("BIOSSES", "biosses-tsv"))
+
+
+def _smol_artifact(args) -> Path:
+    """The calibrated demo:smollm2 dir (``--artifact``), else export + calibrate with the CI test's settings."""
+    from sfr_export.models import resolve_model
+    from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
+    from sfr_export.stages.export import ExportConfig, run_export
+
+    if args.artifact:
+        return Path(args.artifact)
+    root = Path(args.out) / "smollm2-int8"
+    run_export(root, resolve_model("demo:smollm2"), ExportConfig(validate=False))
+    run_calibrate(root, CalibrateConfig(samples=64, holdout=24, pairs=100))
+    return root
+
+
+def _lever_models(root: Path, work: Path) -> dict[str, Path]:
+    """The lever table's CPU variants, built from the fp32 ONNX one tensor at a time like the calibrate stage."""
+    import onnx
+
+    from sfr_export.artifact import Manifest
+    from sfr_export.models import load_backbone
+    from sfr_export.quant import observe as obs, qdq
+    from sfr_export.quant.rotation import make_rotation
+    from sfr_export.stages.calibrate import CPU_ROTATION_SKIP
+
+    src = root / "onnx" / "fp32" / "model.onnx"
+    model = load_backbone(Path(Manifest.load(root).model["local_dir"]))
+    proto = onnx.load(str(src), load_external_data=False)
+    mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
+    inits = {t.name: t for t in proto.graph.initializer}
+    del model, proto
+    levers = {"row8": ("row8", lambda n: False), "row8 rotated, all 4 inputs per layer": ("row8", lambda n: True),
+              "row8 rotated, o_proj input not (the offered candidate)": ("row8", lambda n: not n.endswith(CPU_ROTATION_SKIP)),
+              "nbits8 (MatMulNBits block 32, int8 compute)": ("nbits8", lambda n: False),
+              "float, rotated (exactness)": ("float", lambda n: True)}
+    out = {}
+    for k, (mode, sel) in levers.items():
+        rots = {n: make_rotation(int(inits[mapping[n].weight].dims[0])) for n in mapping if sel(n)}
+        path = work / f"lever{len(out)}" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qdq.build_quantized(src, path, mapping, qdq.QuantPlan({n: mode for n in mapping}, {}, rotations=rots),
+                            weight_of=lambda n, r=rots: (lambda w: r[n].apply(w) if n in r else w)(
+                                qdq.read_tensor(inits[mapping[n].weight], src.parent).T), bias_of=lambda n: None)
+        out[k] = path
+    return out
+
+
+def _sts_sets(other: bool) -> list[tuple[str, list[str], np.ndarray]]:
+    from sfr_export.eval.loaders import Limits, load_task
+
+    s1, s2, gold = stsb_test()
+    sets = [("STSBenchmark", s1 + s2, gold)]
+    for name, fmt in (OTHER_STS if other else ()):
+        t = load_task(DATA / name, name, fmt, Limits())
+        sets.append((name, list(t.sentences1) + list(t.sentences2), np.array(t.scores)))
+    return sets
+
+
+def _smol_speed(root: Path, variants: dict[str, tuple[str, Path]], reps: dict[tuple[int, int], int]) -> dict:
+    """tokens/s, one thread, torch fp32 eager and every variant alternating, medians."""
+    import torch
+
+    from sfr_export.runtime import Embedder
+    from sfr_export.runtime.ort_runner import OrtRunner
+
+    torch.set_num_threads(1)
+    res = {}
+    with Embedder.from_artifact(root, backend="torch") as te:
+        runners = {k: OrtRunner(p, intra_op_threads=1, session_config=cfg) for k, (cfg, p) in variants.items()}
+        for r in runners.values():
+            r.__enter__()
+        try:
+            for (b, length), n in reps.items():
+                ids = np.random.default_rng(0).integers(100, 30000, size=(b, length)).astype(np.int64)
+                mask = np.ones_like(ids)
+                fns = {"torch fp32 eager": lambda: te.runner.infer(ids, mask),
+                       **{k: (lambda r=r: r.infer(ids, mask)) for k, r in runners.items()}}
+                for f in fns.values():
+                    f()
+                ts: dict[str, list[float]] = {k: [] for k in fns}
+                for _ in range(n):
+                    for k, f in fns.items():
+                        t = time.perf_counter()
+                        f()
+                        ts[k].append(time.perf_counter() - t)
+                med = {k: float(np.median(v)) for k, v in ts.items()}
+                res[f"B{b}xL{length}"] = {k: {"tokens_per_s": ids.size / m, "x_torch_fp32": med["torch fp32 eager"] / m}
+                                          for k, m in med.items()}
+        finally:
+            for r in runners.values():
+                r.__exit__(None, None, None)
+    return res
+
+
+def _smol_linear_macs_per_token() -> int:
+    h, i, kv, layers = 576, 1536, 192, 30
+    return layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
+
+
+def cmd_smollm2(args) -> dict:
+    """Fidelity of every offered int8 form (and the levers) on real SmolLM2 + speed side by side, one thread."""
+    import torch
+
+    from sfr_export.artifact import Manifest
+    from sfr_export.quant.qdq import w8a8_mac_share
+    from sfr_export.runtime import Embedder
+    from sfr_export.runtime.ort_runner import OrtRunner
+    from sfr_export.stages.calibrate import CPU_SESSION_CONFIG, QDQ_SESSION_CONFIG, make_batches
+
+    torch.set_num_threads(1)
+    root = _smol_artifact(args)
+    man = Manifest.load(root)
+    variants: dict[str, tuple[dict, Path]] = {"ORT fp32": ({}, root / "onnx" / "fp32" / "model.onnx")}
+    for rec in (man.stage("calibrate:int8"), man.stage("calibrate:int8-cpu")):
+        if rec is not None:
+            v = rec.config["variant"]
+            variants[f"offered {v} ({rec.status}; {rec.figures.get('chosen') or rec.figures['mixed_precision']['modes']})"] = (
+                dict(rec.config["ort_session_config"]), man.artifact_path(rec.name, "onnx"))
+    if args.levers:
+        variants.update({f"lever {k}": (CPU_SESSION_CONFIG, p) for k, p in _lever_models(root, Path(args.out) / "levers").items()})
+    res: dict[str, Any] = {"artifact": str(root), "rows": {}, "qdq": {}}
+    qrec = man.stage("calibrate:int8")
+    if qrec is not None:
+        res["qdq"] = {**w8a8_mac_share(man.artifact_path("calibrate:int8", "onnx")),
+                      "modes": qrec.figures["mixed_precision"]["modes"], "session": QDQ_SESSION_CONFIG}
+    def embed(runner: Any, tok: Any, texts: list[str]) -> np.ndarray:
+        out: dict[int, np.ndarray] = {}
+        for b in make_batches(tok, texts, 32):
+            out.update(zip(b.indices, runner.infer(b.input_ids, b.attention_mask)))
+        return np.stack([out[i] for i in range(len(texts))])
+
+    with Embedder.from_artifact(root, backend="torch") as te:  # the artifact's tokenizer, spec and torch reference
+        tok = te.tokenizer
+        sets = [(name, te.spec.apply_prompt(texts, "STSBenchmark"), gold) for name, texts, gold in _sts_sets(args.other_sts)]
+        refs = {} if args.no_fidelity else {name: embed(te.runner, tok, texts) for name, texts, _ in sets}
+    for k, (cfg, path) in (variants.items() if not args.no_fidelity else ()):
+        row = {}
+        with OrtRunner(path, intra_op_threads=1, session_config=cfg) as r:
+            for name, texts, gold in sets:
+                if (name != "STSBenchmark" and not k.startswith("offered")) or (args.lever_speed_only and k.startswith("lever")):
+                    continue  # other STS sets: the offered forms only
+                out = embed(r, tok, texts)
+                c = cos_rows(refs[name], out)
+                sp_ref, sp = sts_score(refs[name], gold), sts_score(out, gold)
+                row[name] = {"pairs": len(gold), "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)),
+                             "cos_min": float(c.min()), "d_spearman": sp - sp_ref,
+                             "noise_floor": noise_floor(refs[name], gold, float(c.mean())),
+                             "meets": bool(c.mean() >= 0.995 and np.percentile(c, 1) >= 0.98 and abs(sp - sp_ref) <= 0.3)}
+        res["rows"][k] = row
+        print(json.dumps({k: row}), flush=True)
+    if not args.no_speed:
+        res["speed"] = _smol_speed(root, variants, {(8, 128): args.reps, (1, 32): 6 * args.reps})
+        peak = int8_peak(threads=1)
+        res["int8_peak_gops_1thread"] = peak
+        for k, v in res["speed"]["B8xL128"].items():
+            v["fraction_of_int8_peak"] = 2 * _smol_linear_macs_per_token() * v["tokens_per_s"] / 1e9 / peak
+        print(json.dumps(res["speed"]), flush=True)
+    return res
+
+
 def render_md(what: str, res: dict) -> str:
     if what != "fidelity":
         return "```json\n" + json.dumps(res, indent=2, default=str) + "\n```\n"
@@ -376,7 +547,14 @@ def render_md(what: str, res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["fidelity", "speed", "peer", "all"])
+    ap.add_argument("what", choices=["fidelity", "speed", "peer", "smollm2", "all"])
+    ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
+    ap.add_argument("--levers", action="store_true", help="smollm2: also the lever variants (row8, rotated, nbits8)")
+    ap.add_argument("--other-sts", action="store_true", help="smollm2: also STS13-16 and BIOSSES")
+    ap.add_argument("--no-speed", action="store_true", help="smollm2: fidelity only")
+    ap.add_argument("--no-fidelity", action="store_true", help="smollm2: speed only")
+    ap.add_argument("--lever-speed-only", action="store_true", help="smollm2: levers timed, not scored")
+    ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many)")
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--methods", default="minmax")
     ap.add_argument("--smoothing", default="auto,off")
@@ -392,7 +570,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     todo = ["fidelity", "speed", "peer"] if args.what == "all" else [args.what]
     for w in todo:
-        res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "peer": cmd_peer}[w](args)
+        res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "peer": cmd_peer, "smollm2": cmd_smollm2}[w](args)
         (Path(args.out) / f"{w}.json").write_text(json.dumps(res, indent=2, default=str))
         (Path(args.out) / f"{w}.md").write_text(render_md(w, res))
         print(f"== {w}\n" + json.dumps(res, indent=2, default=str), flush=True)

@@ -31,6 +31,9 @@ class ObserveConfig:
     num_bins: int = 2048
     num_quantized_bins: int = 128  # ORT's default; configurable here (the 'hard-wired 128 bins' trap)
     keep_rows: int = 256
+    # leading positions left out of every statistic: the W8A8 form keeps them float (a causal decoder's first token
+    # carries massive activations; with right padding position 0 is every text's first token)
+    skip_prefix: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -88,8 +91,12 @@ def observe(model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], names:
         def fn(_mod: Any, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             m = current_mask[0]
+            if config.skip_prefix and x.dim() == 3 and x.shape[:2] == m.shape:
+                x, m = x[:, config.skip_prefix:], m[:, config.skip_prefix:]
             x2 = x[m.bool()] if x.dim() == 3 and x.shape[:2] == m.shape else x.reshape(-1, x.shape[-1])
             x2 = x2.float()
+            if x2.shape[0] == 0:
+                return
             cam = x2.abs().amax(dim=0).cpu().numpy()
             st = stats.get(name)
             if st is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import CalibrationError
 from .observe import QMAX, act_scale, quantize_weight
+from .rotation import Rotation, onnx_rotation
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,12 @@ class QuantPlan:
     act_thresholds: dict[str, float]  # torch linear name -> activation abs threshold (for w8a8)
     nbits_block_size: int = 32  # nbits8: weight block along K
     nbits_accuracy_level: int = 4  # nbits8: 4 = int8 compute (activations quantized blockwise at run time)
+    # torch linear name -> the online rotation of its input (sfr_export.quant.rotation); ``weight_of`` must then
+    # return the rotated weight ``W R``
+    rotations: dict[str, Rotation] = field(default_factory=dict)
+    # w8a8: the first ``prefix_float`` positions (axis 1) skip activation quantization: the MatMul is split into a
+    # float-activation MatMul on them (same int8 weight) and a Q/DQ MatMul on the rest, concatenated (right padding)
+    prefix_float: int = 0
 
 
 def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,144 +192,224 @@ def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarr
     return packed, np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
 
 
+@dataclass
+class _Edit:
+    """What a form writer adds to the graph: new initializers, nodes, and the tensor renames of its MatMuls."""
+
+    writer: TensorWriter
+    plan: QuantPlan
+    new_inits: list[Any] = field(default_factory=list)
+    pre_nodes: list[Any] = field(default_factory=list)  # weight DequantizeLinear nodes, before everything
+    replaced: dict[str, str] = field(default_factory=dict)  # initializer -> its replacement
+    node_form: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # MatMul node -> (mode, tensors)
+    shared: dict[str, str] = field(default_factory=dict)  # per-activation tensors made once (Q/DQ, row8, rotation)
+    qdq_pairs: int = 0
+
+
+# --- one writer per form: the weight side (called once per MatMul, one tensor at a time) ---------------------------
+def _weight_float(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
+    e.new_inits.append(e.writer.make(f"{info.weight}_sfr", w_t))
+    e.replaced[info.weight] = f"{info.weight}_sfr"
+
+
+def _weight_qdq(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
+    """TensorRT form: int8 per output channel behind ``DequantizeLinear(axis=1)``, zero point 0."""
+    from onnx import TensorProto, helper
+
+    q, s = quantize_weight(w_t, axis=1)
+    e.new_inits += [e.writer.make(f"{info.weight}_q", q),
+                    helper.make_tensor(f"{info.weight}_scale", TensorProto.FLOAT, [len(s)], s.tolist()),
+                    helper.make_tensor(f"{info.weight}_zp", TensorProto.INT8, [len(s)], [0] * len(s))]
+    e.pre_nodes.append(helper.make_node("DequantizeLinear", [f"{info.weight}_q", f"{info.weight}_scale", f"{info.weight}_zp"],
+                                        [f"{info.weight}_dq"], name=f"{info.node}_w_dq", axis=1))
+    e.replaced[info.weight] = f"{info.weight}_dq"
+
+
+def _weight_nbits8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
+    packed, sc = pack_nbits8(w_t, e.plan.nbits_block_size)
+    e.new_inits += [e.writer.make(f"{info.weight}_nb8", packed), e.writer.make(f"{info.weight}_nb8_scales", sc)]
+    e.node_form[info.node] = ("nbits8", (str(w_t.shape[0]), str(w_t.shape[1]), f"{info.weight}_nb8", f"{info.weight}_nb8_scales"))
+    e.replaced[info.weight] = f"{info.weight}_nb8"
+
+
+def _weight_row8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
+    q, s = quantize_weight(w_t, axis=1)
+    e.new_inits += [e.writer.make(f"{info.weight}_r8", q), e.writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
+    e.node_form[info.node] = ("row8", (f"{info.weight}_r8", f"{info.weight}_r8_scale"))
+    e.replaced[info.weight] = f"{info.weight}_r8"
+
+
+WEIGHT_WRITERS: dict[str, Callable[[_Edit, MatMulInfo, np.ndarray], None]] = {
+    "float": _weight_float, "w8": _weight_qdq, "w8a8": _weight_qdq, "nbits8": _weight_nbits8, "row8": _weight_row8}
+
+
+# --- the activation side: rewrite one MatMul node (its input already rotated when planned) --------------------------
+def _act_w8a8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
+    """A static per-tensor symmetric ``QuantizeLinear -> DequantizeLinear`` on input A (shared by its readers); with
+    ``prefix_float`` the leading positions bypass it through their own MatMul."""
+    from onnx import TensorProto, helper
+
+    a = n.input[0]
+    p = e.plan.prefix_float
+    if p and f"head:{a}" not in e.shared:
+        e.new_inits += [helper.make_tensor(f"{a}_pf_0", TensorProto.INT64, [1], [0]),
+                        helper.make_tensor(f"{a}_pf_p", TensorProto.INT64, [1], [p]),
+                        helper.make_tensor(f"{a}_pf_end", TensorProto.INT64, [1], [2 ** 62]),
+                        helper.make_tensor(f"{a}_pf_axis", TensorProto.INT64, [1], [1])]
+        nodes += [helper.make_node("Slice", [a, f"{a}_pf_0", f"{a}_pf_p", f"{a}_pf_axis"], [f"{a}_head"], name=f"{a}_Head"),
+                  helper.make_node("Slice", [a, f"{a}_pf_p", f"{a}_pf_end", f"{a}_pf_axis"], [f"{a}_tail"], name=f"{a}_Tail")]
+        e.shared[f"head:{a}"] = f"{a}_head"
+    q_in = f"{a}_tail" if p else a
+    if a not in e.shared:
+        thr = e.plan.act_thresholds.get(info.module)
+        if thr is None or not np.isfinite(thr):
+            raise CalibrationError(f"no calibrated activation range for {info.module}")
+        pre = f"{a}_act"
+        e.new_inits += [helper.make_tensor(f"{pre}_scale", TensorProto.FLOAT, [], [act_scale(thr)]),
+                        helper.make_tensor(f"{pre}_zp", TensorProto.INT8, [], [0])]
+        nodes.append(helper.make_node("QuantizeLinear", [q_in, f"{pre}_scale", f"{pre}_zp"], [f"{pre}_q"], name=f"{pre}_Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{pre}_q", f"{pre}_scale", f"{pre}_zp"], [f"{pre}_dq"], name=f"{pre}_DQ"))
+        e.shared[a] = f"{pre}_dq"
+        e.qdq_pairs += 1
+    if not p:
+        n.input[0] = e.shared[a]
+        return n
+    w = e.replaced.get(n.input[1], n.input[1])
+    out = n.output[0]
+    nodes += [helper.make_node("MatMul", [e.shared[f"head:{a}"], w], [f"{out}_head"], name=f"{n.name}_head"),
+              helper.make_node("MatMul", [e.shared[a], w], [f"{out}_tail"], name=f"{n.name}_tail")]
+    return helper.make_node("Concat", [f"{out}_head", f"{out}_tail"], [out], name=f"{n.name}_concat", axis=1)
+
+
+def _act_nbits8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
+    from onnx import helper
+
+    k_in, n_out, b_name, s_name = e.node_form[n.name][1]
+    return helper.make_node("MatMulNBits", [n.input[0], b_name, s_name], list(n.output), name=f"{n.name}_Q8",
+                            domain="com.microsoft", K=int(k_in), N=int(n_out), bits=8, block_size=e.plan.nbits_block_size,
+                            accuracy_level=e.plan.nbits_accuracy_level)
+
+
+def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
+    """Per-token symmetric activation scale at run time, u8 (zero point 128) into ``MatMulIntegerToFloat``."""
+    from onnx import TensorProto, helper
+
+    a = n.input[0]
+    if not any(t.name == "sfr_row8_one" for t in e.new_inits):
+        e.new_inits += [helper.make_tensor("sfr_row8_eps", TensorProto.FLOAT, [], [1e-30]),
+                        helper.make_tensor("sfr_row8_inv127", TensorProto.FLOAT, [], [1.0 / QMAX]),
+                        helper.make_tensor("sfr_row8_zp", TensorProto.UINT8, [], [128]),
+                        helper.make_tensor("sfr_row8_one", TensorProto.FLOAT, [], [1.0]),
+                        helper.make_tensor("sfr_row8_axes", TensorProto.INT64, [1], [-1])]
+    key = f"row8:{a}"
+    if key not in e.shared:
+        p = f"{a}_row8"
+        # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); x / scale is in [-127, 127];
+        # QuantizeLinear(1, 128) rounds, shifts, saturates and casts in one pass
+        nodes += [helper.make_node("Abs", [a], [f"{p}_abs"], name=f"{p}_Abs"),
+                  helper.make_node("ReduceMax", [f"{p}_abs", "sfr_row8_axes"], [f"{p}_max"], name=f"{p}_Max", keepdims=1),
+                  helper.make_node("Mul", [f"{p}_max", "sfr_row8_inv127"], [f"{p}_s0"], name=f"{p}_S0"),
+                  helper.make_node("Max", [f"{p}_s0", "sfr_row8_eps"], [f"{p}_scale"], name=f"{p}_Scale"),
+                  helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
+                  helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
+        e.shared[key] = f"{p}_u8|{p}_scale"
+    qa, sa = e.shared[key].split("|")
+    wq, ws = e.node_form[n.name][1]
+    out = n.output[0]
+    nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
+                                  name=f"{n.name}_R8", domain="com.microsoft"))
+    return helper.make_node("Mul", [f"{out}_r8", sa], [out], name=f"{n.name}_R8_rowscale")
+
+
+ACT_WRITERS: dict[str, Callable[[_Edit, Any, MatMulInfo, list[Any]], Any]] = {
+    "w8a8": _act_w8a8, "nbits8": _act_nbits8, "row8": _act_row8}
+
+
+def _rotate_input(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> None:
+    rot = e.plan.rotations.get(info.module)
+    if rot is None:
+        return
+    key = f"rot:{n.input[0]}"
+    if key not in e.shared:
+        r_nodes, r_inits, out = onnx_rotation(n.input[0], rot, f"{n.input[0]}_{rot.dim}")
+        nodes += r_nodes
+        e.new_inits += r_inits
+        e.shared[key] = out
+    n.input[0] = e.shared[key]
+
+
+def _norm_updates(e: _Edit, model: Any, norm_updates: dict[str, np.ndarray]) -> None:
+    for act, w in norm_updates.items():
+        found = norm_mul_for(model, act, int(w.shape[0]))
+        if found is None:
+            raise CalibrationError(f"no RMSNorm Mul produces {act}: cannot fold SmoothQuant into this graph")
+        node, k = found
+        new = f"{node.name}_sq_weight"
+        e.new_inits.append(e.writer.make(new, np.asarray(w, np.float32)))
+        node.input[k] = new
+
+
+def _carry_initializers(e: _Edit, model: Any, base: Path) -> list[Any]:
+    """The untouched initializers that are still used, streaming external ones into the new data file."""
+    from onnx.external_data_helper import uses_external_data
+
+    used = {i for n in model.graph.node for i in n.input}
+    return [e.writer.make(t.name, read_tensor(t, base)) if (uses_external_data(t) or e.writer.external) else t
+            for t in model.graph.initializer if t.name not in e.replaced and t.name in used]
+
+
 def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInfo], plan: QuantPlan,
                     weight_of: Callable[[str], np.ndarray], bias_of: Callable[[str], np.ndarray | None],
                     norm_updates: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Write ``out_path``: every mapped MatMul gets its torch weight (``weight_of(name)`` in [out, in] layout),
     quantized per ``plan``; ``norm_updates`` maps an activation tensor name to the new RMSNorm weight producing it."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     model = onnx.load(str(src_path), load_external_data=False)
-    base = Path(src_path).parent
     total = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-    writer = TensorWriter(out_path, external=total > EXTERNAL_THRESHOLD)
-    inits = {t.name: t for t in model.graph.initializer}
+    e = _Edit(TensorWriter(out_path, external=total > EXTERNAL_THRESHOLD), plan)
     by_node = {m.node: m for m in mapping.values()}
-    replaced: dict[str, Any] = {}
-    new_inits: list[Any] = []
-    pre_nodes: list[Any] = []
-    act_qdq: dict[str, str] = {}
     counts = {m: 0 for m in MODES}
-    nbits_nodes: dict[str, tuple[int, int, str, str]] = {}
-    row_nodes: dict[str, tuple[str, str]] = {}
-    row_q: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, row scale)
     try:
         for name, info in mapping.items():
             mode = plan.modes.get(name, "float")
             if mode not in MODES:
                 raise CalibrationError(f"unknown quantization mode {mode!r} for {name}")
             counts[mode] += 1
-            w_t = np.asarray(weight_of(name), dtype=np.float32).T  # [in, out]
-            if mode == "nbits8":
-                packed, sc = pack_nbits8(w_t, plan.nbits_block_size)
-                new_inits += [writer.make(f"{info.weight}_nb8", packed), writer.make(f"{info.weight}_nb8_scales", sc)]
-                nbits_nodes[info.node] = (int(w_t.shape[0]), int(w_t.shape[1]), f"{info.weight}_nb8", f"{info.weight}_nb8_scales")
-                replaced[info.weight] = f"{info.weight}_nb8"
-            elif mode == "row8":
-                q, s = quantize_weight(w_t, axis=1)
-                new_inits += [writer.make(f"{info.weight}_r8", q), writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
-                row_nodes[info.node] = (f"{info.weight}_r8", f"{info.weight}_r8_scale")
-                replaced[info.weight] = f"{info.weight}_r8"
-            elif mode == "float":
-                new_inits.append(writer.make(f"{info.weight}_sfr", w_t))
-                replaced[info.weight] = f"{info.weight}_sfr"
-            else:
-                q, s = quantize_weight(w_t, axis=1)
-                new_inits += [writer.make(f"{info.weight}_q", q), helper.make_tensor(f"{info.weight}_scale", TensorProto.FLOAT, [len(s)], s.tolist()),
-                              helper.make_tensor(f"{info.weight}_zp", TensorProto.INT8, [len(s)], [0] * len(s))]
-                pre_nodes.append(helper.make_node("DequantizeLinear", [f"{info.weight}_q", f"{info.weight}_scale", f"{info.weight}_zp"],
-                                                  [f"{info.weight}_dq"], name=f"{info.node}_w_dq", axis=1))
-                replaced[info.weight] = f"{info.weight}_dq"
+            WEIGHT_WRITERS[mode](e, info, np.asarray(weight_of(name), dtype=np.float32).T)  # [in, out]
             b = bias_of(name)
             if b is not None and info.bias is not None:
-                new_inits.append(writer.make(f"{info.bias}_sfr", np.asarray(b, np.float32)))
-                replaced[info.bias] = f"{info.bias}_sfr"
-        for act, w in (norm_updates or {}).items():
-            found = norm_mul_for(model, act, int(w.shape[0]))
-            if found is None:
-                raise CalibrationError(f"no RMSNorm Mul produces {act}: cannot fold SmoothQuant into this graph")
-            node, k = found
-            new = f"{node.name}_sq_weight"
-            new_inits.append(writer.make(new, np.asarray(w, np.float32)))
-            node.input[k] = new
-        nodes: list[Any] = list(pre_nodes)
+                e.new_inits.append(e.writer.make(f"{info.bias}_sfr", np.asarray(b, np.float32)))
+                e.replaced[info.bias] = f"{info.bias}_sfr"
+        _norm_updates(e, model, norm_updates or {})
+        nodes: list[Any] = list(e.pre_nodes)
         for n in model.graph.node:
             info = by_node.get(n.name)
-            if info is not None and plan.modes.get(info.module) == "w8a8":
-                a = info.activation
-                if a not in act_qdq:
-                    thr = plan.act_thresholds.get(info.module)
-                    if thr is None or not np.isfinite(thr):
-                        raise CalibrationError(f"no calibrated activation range for {info.module}")
-                    base_name = f"{a}_act"
-                    new_inits += [helper.make_tensor(f"{base_name}_scale", TensorProto.FLOAT, [], [act_scale(thr)]),
-                                  helper.make_tensor(f"{base_name}_zp", TensorProto.INT8, [], [0])]
-                    nodes.append(helper.make_node("QuantizeLinear", [a, f"{base_name}_scale", f"{base_name}_zp"], [f"{base_name}_q"], name=f"{base_name}_Q"))
-                    nodes.append(helper.make_node("DequantizeLinear", [f"{base_name}_q", f"{base_name}_scale", f"{base_name}_zp"], [f"{base_name}_dq"], name=f"{base_name}_DQ"))
-                    act_qdq[a] = f"{base_name}_dq"
-                n.input[0] = act_qdq[a]
-            if n.name in nbits_nodes:
-                k_in, n_out, b_name, s_name = nbits_nodes[n.name]
-                n = helper.make_node("MatMulNBits", [n.input[0], b_name, s_name], list(n.output), name=f"{n.name}_Q8",
-                                     domain="com.microsoft", K=k_in, N=n_out, bits=8, block_size=plan.nbits_block_size,
-                                     accuracy_level=plan.nbits_accuracy_level)
-            elif n.name in row_nodes:
-                a = n.input[0]
-                if a not in row_q:
-                    if not row_q:
-                        new_inits += [helper.make_tensor("sfr_row8_eps", TensorProto.FLOAT, [], [1e-30]),
-                                      helper.make_tensor("sfr_row8_inv127", TensorProto.FLOAT, [], [1.0 / QMAX]),
-                                      helper.make_tensor("sfr_row8_zp", TensorProto.UINT8, [], [128]),
-                                      helper.make_tensor("sfr_row8_one", TensorProto.FLOAT, [], [1.0]),
-                                      helper.make_tensor("sfr_row8_axes", TensorProto.INT64, [1], [-1])]
-                    p = f"{a}_row8"
-                    # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); x / scale is in
-                    # [-127, 127]; QuantizeLinear(1, 128) rounds, shifts, saturates and casts in one pass
-                    nodes += [helper.make_node("Abs", [a], [f"{p}_abs"], name=f"{p}_Abs"),
-                              helper.make_node("ReduceMax", [f"{p}_abs", "sfr_row8_axes"], [f"{p}_max"], name=f"{p}_Max", keepdims=1),
-                              helper.make_node("Mul", [f"{p}_max", "sfr_row8_inv127"], [f"{p}_s0"], name=f"{p}_S0"),
-                              helper.make_node("Max", [f"{p}_s0", "sfr_row8_eps"], [f"{p}_scale"], name=f"{p}_Scale"),
-                              helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
-                              helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
-                    row_q[a] = (f"{p}_u8", f"{p}_scale")
-                qa, sa = row_q[a]
-                wq, ws = row_nodes[n.name]
-                out = n.output[0]
-                nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
-                                              name=f"{n.name}_R8", domain="com.microsoft"))
-                n = helper.make_node("Mul", [f"{out}_r8", sa], [out], name=f"{n.name}_R8_rowscale")
-            for k, i in enumerate(n.input):
-                if i in replaced:
-                    n.input[k] = replaced[i]
+            if info is not None:
+                _rotate_input(e, n, info, nodes)
+                act = ACT_WRITERS.get(plan.modes.get(info.module, "float"))
+                if act is not None:
+                    n = act(e, n, info, nodes)
+            n.input[:] = [e.replaced.get(i, i) for i in n.input]
             nodes.append(n)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if (nbits_nodes or row_nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        contrib = any(m in ("nbits8", "row8") for m in plan.modes.values())
+        if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        keep = [t for t in model.graph.initializer if t.name not in replaced]
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [t for t in keep if t.name in used]
-        # carry the untouched initializers over, streaming external ones into the new data file
-        carried = []
-        for t in keep:
-            from onnx.external_data_helper import uses_external_data
-
-            if uses_external_data(t) or writer.external:
-                carried.append(writer.make(t.name, read_tensor(t, base)))
-            else:
-                carried.append(t)
+        carried = _carry_initializers(e, model, Path(src_path).parent)
         del model.graph.initializer[:]
-        model.graph.initializer.extend(carried + new_inits)
-        del inits
+        model.graph.initializer.extend(carried + e.new_inits)
     finally:
-        writer.close()
-    if not writer.external:
-        os.unlink(out_path.parent / writer.data_name) if (out_path.parent / writer.data_name).exists() else None
+        e.writer.close()
+    if not e.writer.external and (out_path.parent / e.writer.data_name).exists():
+        os.unlink(out_path.parent / e.writer.data_name)
     onnx.save(model, str(out_path))
-    if not (nbits_nodes or row_nodes):  # the checker does not know the com.microsoft contrib ops
+    if not contrib:  # the checker does not know the com.microsoft contrib ops
         onnx.checker.check_model(str(out_path))
-    return {"matmuls": counts, "external_data": writer.external, "activation_qdq_pairs": len(act_qdq)}
+    return {"matmuls": counts, "external_data": e.writer.external, "activation_qdq_pairs": e.qdq_pairs,
+            "rotated_matmuls": sum(1 for n in mapping if n in plan.rotations)}
 
 
 def qdq_summary(path: Path) -> dict[str, Any]:
@@ -346,3 +433,27 @@ def qdq_summary(path: Path) -> dict[str, Any]:
         elif n.op_type == "QuantizeLinear":
             out["quantize_activation"].append({"node": n.name, "tensor": n.input[0], "per_tensor": len(inits[n.input[1]].dims) == 0})
     return out
+
+
+def w8a8_mac_share(path: Path) -> dict[str, Any]:
+    """From the Q/DQ graph alone: the share of linear multiply-adds (per token, ``K x N`` of each MatMul with a
+    dequantized int8 weight) whose activation input is Q/DQ too (W8A8). A linear split by ``prefix_float`` counts
+    once, by its Q/DQ part (every token but the prefix)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    total = w8a8 = 0
+    linears = 0
+    for n in m.graph.node:
+        b = prod.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in inits or n.name.endswith("_head"):
+            continue
+        k, nn = (int(d) for d in inits[b.input[0]].dims)
+        a = prod.get(n.input[0])
+        linears += 1
+        total += k * nn
+        if a is not None and a.op_type == "DequantizeLinear" and a.input[0] not in inits:
+            w8a8 += k * nn
+    return {"linears": linears, "w8a8_mac_share": round(w8a8 / total, 4) if total else 0.0}

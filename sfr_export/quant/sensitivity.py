@@ -111,8 +111,9 @@ def fake_weight(w: Any) -> Any:
 
 
 @contextlib.contextmanager
-def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float]) -> Iterator[None]:
-    """Temporarily quantize linears per ``modes`` (weights swapped in one layer at a time, inside its forward)."""
+def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float], prefix: int = 0) -> Iterator[None]:
+    """Temporarily quantize linears per ``modes`` (weights swapped in one layer at a time, inside its forward);
+    W8A8 inputs keep their first ``prefix`` positions float (as the Q/DQ graph does)."""
     import torch
 
     mods = linear_modules(model)
@@ -125,7 +126,10 @@ def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float]) 
             if mode == "w8a8":
                 s = act_scale(thresholds[name])
                 x = args[0]
-                return (torch.clamp(torch.round(x / s), -QMAX, QMAX) * s, *args[1:])
+                xq = torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
+                if prefix and x.dim() == 3:
+                    xq = torch.cat([x[:, :prefix], xq[:, prefix:]], dim=1)
+                return (xq, *args[1:])
             return None
         return fn
 
@@ -155,6 +159,7 @@ class Evaluator:
     ref: np.ndarray | None = None
     pairs_ref: np.ndarray | None = None
     calls: int = 0
+    prefix: int = 0  # leading positions W8A8 keeps float (see fake_quant)
 
     def reference(self) -> None:
         self.ref = self.embed(self.holdout_batches)
@@ -165,7 +170,7 @@ class Evaluator:
         assert self.ref is not None, "call reference() first"
         self.calls += 1
         hb = self.holdout_batches if subset is None else self.holdout_batches[:subset]
-        with fake_quant(model, modes, thresholds):
+        with fake_quant(model, modes, thresholds, self.prefix):
             cand = self.embed(hb)
             pc = self.embed(self.pair_batches) if (pairs and self.pair_batches) else None
         ref = self.ref[: len(cand)]

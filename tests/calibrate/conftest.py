@@ -50,3 +50,20 @@ def outlier_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg["_sfr_export_known_as"] = "demo:tiny-mistral"  # same spec (prompts, EOS) as the demo
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.fixture(scope="session")
+def massive_mistral(outlier_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The outlier model plus a massive first-token activation: the BOS embedding row scaled x300 (every text starts
+    with BOS), as the first token of real decoders carries |x| in the thousands."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("massive") / "tiny-mistral-massive"
+    shutil.copytree(outlier_mistral, d)
+    sd = load_file(str(d / "model.safetensors"))
+    bos = json.loads((d / "config.json").read_text())["bos_token_id"]
+    emb = sd["embed_tokens.weight"].clone()
+    emb[bos] *= 300.0
+    sd["embed_tokens.weight"] = emb
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d

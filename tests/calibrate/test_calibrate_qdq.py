@@ -42,7 +42,7 @@ def test_qdq_graph_structure(tiny_int8):
     for n in m.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    matmuls_with_weights = 0
+    weights_dequantized: set[str] = set()
     for n in m.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             # Q/DQ only on MatMul inputs: every DQ output feeds MatMuls only
@@ -56,19 +56,29 @@ def test_qdq_graph_structure(tiny_int8):
         b = producers.get(n.input[1])
         if b is None or b.op_type != "DequantizeLinear":
             continue
-        matmuls_with_weights += 1
+        weights_dequantized.add(b.name)
         q = inits[b.input[0]]
         assert q.data_type == onnx.TensorProto.INT8 and len(q.dims) == 2
         axis = next(a.i for a in b.attribute if a.name == "axis")
         scale = numpy_helper.to_array(inits[b.input[1]])
         assert axis == 1 and scale.shape == (q.dims[1],) and (scale > 0).all()  # per output channel
         assert np.abs(numpy_helper.to_array(q)).max() <= 127  # symmetric: -128 never used
-    assert matmuls_with_weights == 14  # every linear of the 2-layer model; attention score MatMuls stay float
+    assert len(weights_dequantized) == 14  # every linear of the 2-layer model; attention score MatMuls stay float
     # nothing quantizes the attention mask or position math
     mask_consumers = {c.op_type for c in consumers["attention_mask"]}
     assert not mask_consumers & {"QuantizeLinear", "DequantizeLinear"}
     modes = Manifest.load(tiny_int8).stage("calibrate:int8").figures["mixed_precision"]["modes"]
     assert len(s["quantize_activation"]) >= 1 and modes.get("w8a8", 0) >= 1
+    # W8A8 keeps the first position float (prefix_float=1): its own MatMul on the same int8 weight, then Concat
+    for q_node in (n for n in m.graph.node if n.op_type == "QuantizeLinear"):
+        assert producers[q_node.input[0]].op_type == "Slice"
+    for c in (n for n in m.graph.node if n.op_type == "Concat" and n.name.endswith("_concat")):
+        head, tail = (producers[i] for i in c.input)
+        assert head.op_type == tail.op_type == "MatMul" and head.input[1] == tail.input[1]
+    from sfr_export.tensorrt.qdq_check import check_qdq
+
+    report = check_qdq(path)
+    assert report, report.summary()
 
 
 def test_int8_runs_through_the_embedder(tiny_int8):
