@@ -159,7 +159,7 @@ def make_wrapper(backbone: Any, spec: ModelSpec, plan: AttentionPlan | None = No
     """backbone + pooling + L2 in one module; ``plan`` (default: :func:`plan_attention`) says how the mask goes in."""
     import torch
 
-    from .pooling import pool_and_normalize
+    from ..pooling import pool_and_normalize
 
     plan = plan or plan_attention(backbone)
 
