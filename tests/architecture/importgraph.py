@@ -66,6 +66,21 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+def dangling_imports() -> list[str]:
+    """``from .x import y`` / ``from sfr_export.x import y`` whose module ``x`` does not exist in the package."""
+    files = module_files()
+    known = set(files)
+    bad = []
+    for module, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                base = _resolve(module, is_pkg, node)[-1]
+                if base.startswith(PKG) and base not in known:
+                    bad.append(f"{module}: from {'.' * node.level}{node.module} ({base})")
+    return sorted(bad)
+
+
 def module_graph() -> dict[str, set[str]]:
     files = module_files()
     known = set(files)
