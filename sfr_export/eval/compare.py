@@ -90,14 +90,18 @@ def default_candidates(art: Artifact) -> list[str]:
 
 
 def expand_candidates(art: Artifact, requested: tuple[str, ...] | None) -> list[str]:
-    """The candidate names to compare; a name that no artifact could hold is refused before any work."""
+    """The candidate names to compare; a name this artifact does not hold is refused before any work (TensorRT,
+    which needs the machine as well, is reported as skipped with the reason)."""
     if requested is None:
         return default_candidates(art)
     known = [*(v.value for v in Variant), *SPECIAL_NAMES]
+    have = [v.value for v in art.variants()]
     out: list[str] = []
     for name in requested:
-        if name not in known:  # a variant the artifact lacks is reported as skipped, with the reason
+        if name not in known:
             raise UserInputError(f"--candidates: unknown candidate '{name}' (expected some of: {', '.join(known)})")
+        if name not in SPECIAL_NAMES and name not in have:  # asked for by name: an argument error, before any work
+            raise UserInputError(f"--candidates: no '{name}' ONNX variant in {art.root} (have: {', '.join(have)})")
         expanded = default_candidates(art) if name in ("all", "onnx") else [name]
         out += [n for n in expanded if n not in out and not (n == Backend.TENSORRT.value and name == "onnx")]
     if not out:

@@ -23,7 +23,7 @@ def ref_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def failing_run(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path, tmp_path_factory) -> tuple[CliResult, Path]:
     out = tmp_path_factory.mktemp("fail")
-    res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,int8-cpu,tensorrt,int8",
+    res = run_cli("verify", eval_artifact, "--suite", mini_suite, "--candidates", "fp32,fp16,int8-cpu,tensorrt",
                   "--cache-dir", ref_cache_dir, "--junit", out / "junit.xml", "--report-dir", out)
     return res, out
 
@@ -80,7 +80,6 @@ def test_unavailable_candidates_are_skipped_with_reason_not_passed(failing_run) 
     rep = report(failing_run[1])
     by_name = {c["name"]: c for c in rep["candidates"]}
     assert by_name["tensorrt"]["status"] == "skipped" and "TensorRT" in by_name["tensorrt"]["reason"]
-    assert by_name["int8"]["status"] == "skipped" and "no 'int8' ONNX variant" in by_name["int8"]["reason"]
     assert "passed" not in by_name["tensorrt"]
 
 
@@ -131,7 +130,7 @@ def test_junit_has_one_case_per_task_and_candidate(failing_run) -> None:
     root = ET.parse(failing_run[1] / "junit.xml").getroot()
     tasks = [t["name"] for t in rep["suite"]["tasks"]]
     suites = {s.get("name"): s for s in root.findall("testsuite")}
-    assert set(suites) == {f"verify.{n}" for n in ("fp32", "fp16", "int8-cpu", "tensorrt", "int8")}
+    assert set(suites) == {f"verify.{n}" for n in ("fp32", "fp16", "int8-cpu", "tensorrt")}
     for name, s in suites.items():
         cases = s.findall("testcase")
         assert [c.get("name") for c in cases] == tasks + ["embedding-cosine"]
@@ -139,7 +138,7 @@ def test_junit_has_one_case_per_task_and_candidate(failing_run) -> None:
     assert all(c.find("skipped") is not None for c in suites["verify.tensorrt"].findall("testcase"))
     assert int(suites["verify.int8-cpu"].get("failures")) >= 1
     assert int(suites["verify.fp32"].get("failures")) == 0 and int(suites["verify.fp32"].get("skipped")) == 0
-    assert int(root.get("tests")) == 5 * (len(tasks) + 1)
+    assert int(root.get("tests")) == 4 * (len(tasks) + 1)
 
 
 def test_config_file_thresholds_and_cli_override(eval_artifact: Path, mini_suite: Path, ref_cache_dir: Path,

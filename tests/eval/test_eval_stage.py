@@ -35,6 +35,8 @@ def test_candidate_resolution(eval_artifact: Path) -> None:
     assert "no 'int8' ONNX variant" in art.resolve("int8")
     with pytest.raises(UserInputError, match="unknown candidate 'int4'"):  # a typo is refused before any work
         expand_candidates(art, ("fp32", "int4"))
+    with pytest.raises(UserInputError, match="no 'int8' ONNX variant"):  # so is a variant this artifact lacks
+        expand_candidates(art, ("int8",))
 
 
 def test_config_validation(tmp_path: Path) -> None:

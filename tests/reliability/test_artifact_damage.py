@@ -20,7 +20,7 @@ from sfr_export import Embedder
 from sfr_export.artifact import Manifest
 from sfr_export.errors import ArtifactError
 
-ONNX = ["onnx/fp32/model.onnx", "onnx/fp16/model.onnx"]
+ONNX = ["onnx/fp32/model.onnx", "onnx/fp16/model.onnx", "onnx/fp32/model.cpu.onnx", "onnx/fp16/model.cpu.onnx"]
 BASE = ["spec.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 FILES = ONNX + BASE + ["manifest.json"]
 KINDS = ["truncate", "flip-byte", "delete", "unreadable-dir", "chmod-000"]
