@@ -23,7 +23,7 @@ from ..eval.junit import render_junit
 from ..eval.report import build_report, render_markdown
 from ..eval.report_html import render_html
 from ..eval.suite import load_suite
-from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_write_text, writer_lock
+from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_dir, atomic_write_text, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,23 @@ def _check_writable(out_dir: Path) -> None:
         raise PathError(f"cannot write the reports: {probe} is not a writable directory")
 
 
+def _write_reports(paths: dict[str, Path], texts: dict[str, str], *, own_dir: bool) -> None:
+    """Everything is rendered before this. The JUnit file (when it lies elsewhere) goes first; then the report dir
+    is swapped in whole when it is ours (DIR/reports/verify), so a failed write never leaves new reports beside the
+    manifest's record of the old ones."""
+    out_dir = paths["json"].parent
+    inside = {k for k, p in paths.items() if p.parent.resolve() == out_dir.resolve()}
+    for kind in sorted(set(paths) - inside):
+        atomic_write_text(paths[kind], texts[kind])
+    if not own_dir:
+        for kind in sorted(inside):
+            atomic_write_text(paths[kind], texts[kind])
+        return
+    with atomic_dir(out_dir) as tmp:
+        for kind in inside:
+            (tmp / paths[kind].name).write_text(texts[kind], encoding="utf-8")
+
+
 def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[str], None] | None) -> VerifyResult:
     manifest = Manifest.load(root)
     manifest.verify_base()  # spec.json and the tokenizer files: a damaged one is named before any work
@@ -203,8 +220,7 @@ def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[str], None]
     if config.junit is not None:
         paths["junit"] = Path(config.junit)
         texts["junit"] = render_junit(report)
-    for kind, text in texts.items():  # everything rendered first: a render error leaves the old reports whole
-        atomic_write_text(paths[kind], text)
+    _write_reports(paths, texts, own_dir=config.report_dir is None)
 
     artifacts: list[ArtifactRecord] = []
     outside: dict[str, str] = {}

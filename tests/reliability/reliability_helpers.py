@@ -52,3 +52,24 @@ def run_cli(*args: str | bytes, timeout: float = 300, **env: str) -> CliResult:
 
 def umask022() -> None:
     os.umask(0o022)
+
+
+RO_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+
+def read_only_mounts_work(probe: Path) -> bool:
+    """Whether ``unshare -m`` + a read-only bind mount works here (root in a container with CAP_SYS_ADMIN)."""
+    import shutil as _sh
+
+    if _sh.which("unshare") is None:
+        return False
+    p = subprocess.run(["unshare", "-m", "sh", "-c", RO_MOUNT, str(probe), "true"], capture_output=True)
+    return p.returncode == 0
+
+
+def run_cli_read_only(ro_dir: Path, *args: str, timeout: float = 300) -> CliResult:
+    """The CLI with ``ro_dir`` bind-mounted read-only in a private mount namespace: writes fail with EROFS even
+    for root (``chmod`` would not stop root)."""
+    cmd = ["unshare", "-m", "sh", "-c", RO_MOUNT, str(ro_dir), *cli_cmd(*args)]
+    p = subprocess.run(cmd, capture_output=True, env=cli_env(), timeout=timeout)
+    return CliResult(p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"))

@@ -1,5 +1,5 @@
 """Artifact damage: each file of a tiny output dir is truncated, has a byte flipped, is deleted, or cannot be read.
-``inspect``, ``embed``, ``verify`` (subprocesses) and ``Embedder.from_artifact`` then each fail with one line
+``inspect``, ``embed``, ``verify``, ``serve`` (subprocesses) and ``Embedder.from_artifact`` then each fail with one line
 naming the file, and a plain ``export`` (``--force`` too) restores spec.json and tokenizer/.
 
 "Cannot be read" is done by putting a directory where the file was: these tests run as root in CI, and
@@ -71,9 +71,11 @@ def test_damaged_file_is_named_in_one_line(artifact_copy: Path, rel: str, kind: 
             "embed": ["embed", str(artifact_copy), "hello", "--variant", variant],
             # the damaged variant is the reference: it is opened first, so the run stops there
             "verify": ["verify", str(artifact_copy), "--reference", variant, "--candidates",
-                       "fp32" if variant == "fp16" else "fp16", "--no-cache"]}
-    with ThreadPoolExecutor(3) as pool:
-        results: dict[str, CliResult] = dict(zip(runs, pool.map(lambda a: run_cli(*a, timeout=240), runs.values())))
+                       "fp32" if variant == "fp16" else "fp16", "--no-cache"],
+            # a server that started would run until the timeout: it must refuse to start
+            "serve": ["serve", str(artifact_copy), "--variant", variant, "--port", "0"]}
+    with ThreadPoolExecutor(4) as pool:
+        results: dict[str, CliResult] = dict(zip(runs, pool.map(lambda a: run_cli(*a, timeout=120), runs.values())))
     for cmd, res in results.items():
         line = res.one_error()
         assert named in line, f"{cmd}: {named} not named in: {line}"

@@ -10,7 +10,6 @@ import time
 import httpx
 import numpy as np
 import psutil
-import pytest
 
 
 
