@@ -56,13 +56,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``final``; on success it replaces ``final`` whole (renamed in)."""
+    """Yield a temp dir beside ``final``; on success it replaces ``final`` whole (renamed in), every entry with the
+    mode the umask gives."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        follow_umask(tmp, is_dir=True)
+        for sub in [tmp, *tmp.rglob("*")]:  # some writers (safetensors, mkstemp) create 0600 files
+            if not sub.is_symlink():
+                follow_umask(sub, is_dir=sub.is_dir())
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(final, old)

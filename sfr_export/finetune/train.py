@@ -36,6 +36,8 @@ from .step import EmbeddingModel, Tokenizers, collate, contrastive_step
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+OPTIM_TENSORS = "optimizer.safetensors"  # no pickles: tensors here, the rest in JSON
+OPTIM_META = "optimizer.json"
 RECORD_FILE = "finetune.json"
 
 
@@ -122,7 +124,7 @@ def save_checkpoint(output: Path, step: int, model: torch.nn.Module, optimizer: 
     final = output / "checkpoints" / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        _save_optimizer(optimizer, scheduler, tmp)
         state = {"step": step, "sampler": sampler.state_dict(), "identity": identity,
                  "python_rng": list(random.getstate()[1]), "torch_rng": torch.get_rng_state().tolist()}
         (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
@@ -151,12 +153,44 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Any, schedule
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    opt = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    _load_optimizer(optimizer, scheduler, ckpt)
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return int(state["step"])
+
+
+def _save_optimizer(optimizer: Any, scheduler: Any, out: Path) -> None:
+    """Optimizer tensors to safetensors, everything else (param groups, scalars, scheduler) to JSON: no pickle."""
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        scalars[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}/{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[str(pid)][k] = v
+    save_file(tensors, str(out / OPTIM_TENSORS))
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    (out / OPTIM_META).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _load_optimizer(optimizer: Any, scheduler: Any, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not (ckpt / OPTIM_TENSORS).is_file() or not (ckpt / OPTIM_META).is_file():
+        raise TrainingError(f"checkpoint {ckpt} has no {OPTIM_TENSORS}/{OPTIM_META} (made by an older sfr-export?): "
+                            "set train.resume = false to start over")
+    meta = json.loads((ckpt / OPTIM_META).read_text(encoding="utf-8"))
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["scalars"].items()}
+    for key, t in load_file(str(ckpt / OPTIM_TENSORS)).items():
+        pid, _, name = key.partition("/")
+        state.setdefault(int(pid), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
