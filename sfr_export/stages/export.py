@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,13 @@ from ..artifact import ArtifactRecord, StageRecord
 from ..spec import ModelSpec
 from ..artifact import Precision
 from ..vectors import row_cosine
-from .export_graph import OnnxIOSpec, make_wrapper, norms_to_fp32  # noqa: F401  (re-exported: one graph module)
 from .common import progress, run_worker, worker_main
+from .export_graph import OnnxIOSpec, export_program, make_wrapper, norms_to_fp32
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ExportConfig", "OnnxIOSpec", "compare_rows", "make_wrapper", "norms_to_fp32", "run_export",
+           "validate_onnx", "validation_texts"]
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf caps one file at 2 GiB; stay well below
 
@@ -145,7 +148,6 @@ def validate_onnx(onnx_path: Path, torch_runner: Any, tokenizer: Any, spec: Mode
 # ------------------------------------------------------------------------------------------------------------------
 def _export_in_memory(model_dir: Path, spec: ModelSpec, cfg: ExportConfig, onnx_path: Path) -> tuple[Any, Any, dict[str, Any]]:
     """Load the weights, trace, save. Returns (backbone, plan, figures)."""
-    from .export_graph import OnnxIOSpec, export_program, make_wrapper, norms_to_fp32
     from ..models import load_backbone
 
     progress("loading weights")
@@ -167,7 +169,6 @@ def _export_in_memory(model_dir: Path, spec: ModelSpec, cfg: ExportConfig, onnx_
 def _export_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from .export_graph import OnnxIOSpec
     from ..models import load_tokenizer
     from .ort_attention import write_cpu_form
     from ..runtime.torch_runner import TorchRunner
