@@ -527,10 +527,11 @@ def cmd_smollm2(args) -> dict:
         res["rows"][k] = row
         print(json.dumps({k: row}), flush=True)
     if not args.no_speed:
-        res["speed"] = _smol_speed(root, variants, {(8, 128): args.reps, (1, 32): 6 * args.reps})
+        timed = {k: v for k, v in variants.items() if not any(x and x in k for x in args.speed_skip.split(","))}
+        res["speed"] = _smol_speed(root, timed, {(8, 128): args.reps, (1, 32): 6 * args.reps})
         peak = int8_peak(threads=1)
         res["int8_peak_gops_1thread"] = peak
-        for k, v in res["speed"]["B8xL128"].items():
+        for k, v in res["speed"]["B8xL128"].items():  # linear MACs only (attention excluded)
             v["fraction_of_int8_peak"] = 2 * _smol_linear_macs_per_token() * v["tokens_per_s"] / 1e9 / peak
         print(json.dumps(res["speed"]), flush=True)
     return res
@@ -562,6 +563,7 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true", help="smollm2: fidelity only")
     ap.add_argument("--no-fidelity", action="store_true", help="smollm2: speed only")
     ap.add_argument("--no-ort-fp32", action="store_true", help="smollm2: leave the ORT fp32 row out")
+    ap.add_argument("--speed-skip", default="", help="smollm2: comma-separated substrings of variants not to time")
     ap.add_argument("--lever-speed-only", action="store_true", help="smollm2: levers timed, not scored")
     ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many)")
     ap.add_argument("--models", default="minilm,smollm2")
