@@ -416,14 +416,19 @@ def _lever_models(root: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def _sts_sets(other: bool) -> list[tuple[str, list[str], np.ndarray]]:
+def _sts_sets(other: bool, cap: int) -> list[tuple[str, list[str], np.ndarray]]:
+    """All 1379 STSB test pairs; the other STS sets subsampled to ``cap`` pairs each (seeded, over the whole file:
+    STS13-16 are stored by sub-genre, so the first N would be one genre)."""
     from sfr_export.eval.loaders import Limits, load_task
 
     s1, s2, gold = stsb_test()
     sets = [("STSBenchmark", s1 + s2, gold)]
     for name, fmt in (OTHER_STS if other else ()):
         t = load_task(DATA / name, name, fmt, Limits())
-        sets.append((name, list(t.sentences1) + list(t.sentences2), np.array(t.scores)))
+        n = len(t.scores)
+        idx = np.sort(np.random.default_rng(0).choice(n, size=min(cap, n), replace=False))
+        a, b = [t.sentences1[i] for i in idx], [t.sentences2[i] for i in idx]
+        sets.append((f"{name} ({len(idx)} of {n} pairs)", a + b, np.array([t.scores[i] for i in idx])))
     return sets
 
 
@@ -481,7 +486,9 @@ def cmd_smollm2(args) -> dict:
     torch.set_num_threads(1)
     root = _smol_artifact(args)
     man = Manifest.load(root)
-    variants: dict[str, tuple[dict, Path]] = {"ORT fp32": ({}, root / "onnx" / "fp32" / "model.onnx")}
+    variants: dict[str, tuple[dict, Path]] = {}
+    if not args.no_ort_fp32:
+        variants["ORT fp32"] = ({}, root / "onnx" / "fp32" / "model.onnx")
     for rec in (man.stage("calibrate:int8"), man.stage("calibrate:int8-cpu")):
         if rec is not None:
             v = rec.config["variant"]
@@ -502,13 +509,13 @@ def cmd_smollm2(args) -> dict:
 
     with Embedder.from_artifact(root, backend="torch") as te:  # the artifact's tokenizer, spec and torch reference
         tok = te.tokenizer
-        sets = [(name, te.spec.apply_prompt(texts, "STSBenchmark"), gold) for name, texts, gold in _sts_sets(args.other_sts)]
+        sets = [(name, te.spec.apply_prompt(texts, "STSBenchmark"), gold) for name, texts, gold in _sts_sets(args.other_sts, args.other_sts_pairs)]
         refs = {} if args.no_fidelity else {name: embed(te.runner, tok, texts) for name, texts, _ in sets}
     for k, (cfg, path) in (variants.items() if not args.no_fidelity else ()):
         row = {}
         with OrtRunner(path, intra_op_threads=1, session_config=cfg) as r:
             for name, texts, gold in sets:
-                if (name != "STSBenchmark" and not k.startswith("offered")) or (args.lever_speed_only and k.startswith("lever")):
+                if (name != "STSBenchmark" and not k.startswith("offered ")) or (args.lever_speed_only and k.startswith("lever")):
                     continue  # other STS sets: the offered forms only
                 out = embed(r, tok, texts)
                 c = cos_rows(refs[name], out)
@@ -520,10 +527,11 @@ def cmd_smollm2(args) -> dict:
         res["rows"][k] = row
         print(json.dumps({k: row}), flush=True)
     if not args.no_speed:
-        res["speed"] = _smol_speed(root, variants, {(8, 128): args.reps, (1, 32): 6 * args.reps})
+        timed = {k: v for k, v in variants.items() if not any(x and x in k for x in args.speed_skip.split(","))}
+        res["speed"] = _smol_speed(root, timed, {(8, 128): args.reps, (1, 32): 6 * args.reps})
         peak = int8_peak(threads=1)
         res["int8_peak_gops_1thread"] = peak
-        for k, v in res["speed"]["B8xL128"].items():
+        for k, v in res["speed"]["B8xL128"].items():  # linear MACs only (attention excluded)
             v["fraction_of_int8_peak"] = 2 * _smol_linear_macs_per_token() * v["tokens_per_s"] / 1e9 / peak
         print(json.dumps(res["speed"]), flush=True)
     return res
@@ -551,8 +559,11 @@ def main() -> None:
     ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
     ap.add_argument("--levers", action="store_true", help="smollm2: also the lever variants (row8, rotated, nbits8)")
     ap.add_argument("--other-sts", action="store_true", help="smollm2: also STS13-16 and BIOSSES")
+    ap.add_argument("--other-sts-pairs", type=int, default=400, help="smollm2: pairs per other STS set (seeded subsample)")
     ap.add_argument("--no-speed", action="store_true", help="smollm2: fidelity only")
     ap.add_argument("--no-fidelity", action="store_true", help="smollm2: speed only")
+    ap.add_argument("--no-ort-fp32", action="store_true", help="smollm2: leave the ORT fp32 row out")
+    ap.add_argument("--speed-skip", default="", help="smollm2: comma-separated substrings of variants not to time")
     ap.add_argument("--lever-speed-only", action="store_true", help="smollm2: levers timed, not scored")
     ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many)")
     ap.add_argument("--models", default="minilm,smollm2")

@@ -29,8 +29,9 @@ def calibrate(
     pairs: Optional[int] = typer.Option(None, help="Use only the first N held-out scored STS pairs (default: all)."),
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
-    rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (on with an fp32 "
-                                 "reference and no SmoothQuant) | on | off."),
+    rotation: str = typer.Option("off", help="on: rotate the linear inputs online (Q/DQ form, and the CPU "
+                                 "candidate 'row8 rotated'); see docs/int8.md. off | on."),
+    prefix_float: int = typer.Option(0, help="W8A8: keep the first N positions' activations float."),
     force: bool = typer.Option(False, help="Redo even if up to date."),
 ) -> None:
     """Calibrate on task-mixed data and write int8 ONNX variants ("int8": Q/DQ, "int8-cpu": CPU contrib ops)."""
@@ -41,7 +42,8 @@ def calibrate(
                           smoothquant=smoothquant, target_cosine=target_cosine, target_p1=target_p1,
                           target_spearman_delta=target_spearman, max_float_fraction=max_float_fraction,
                           w8a8=not no_w8a8, cpu_form=not no_cpu_form, samples=samples, holdout=holdout, seed=seed,
-                          pairs=pairs, reference_dtype=reference_dtype, rotation=rotation)
+                          pairs=pairs, reference_dtype=reference_dtype, rotation=rotation,
+                          prefix_float=prefix_float)
     with writer_lock(directory):
         recs = run_with_spinner("calibrate", lambda say: run_calibrate(directory, cfg, force=force, on_progress=say))
     print_json([{"stage": r.name, "status": r.status, "reason": r.reason, "artifacts": [a.path for a in r.artifacts],

@@ -123,3 +123,38 @@ def test_rotated_onnx_is_exact_in_float_and_rescues_per_token_int8(massive_mistr
     rotated = cos_rows(ref, _ort_embed(build("row8", rots), hold))
     print(f"row8 plain cos {plain.mean():.5f} min {plain.min():.5f}; rotated {rotated.mean():.5f} min {rotated.min():.5f}")
     assert 1 - rotated.mean() < 0.5 * (1 - plain.mean())
+
+
+def test_w8a8_with_rotated_inputs_and_the_first_position_float_is_tensorrt_conformant(massive_mistral, massive_setup,
+                                                                                     massive_onnx, tmp_path):
+    """--rotation on --prefix-float 1: every W8A8 MatMul is split into a float-activation MatMul on position 0 and a
+    per-tensor static Q/DQ MatMul on the rest (same int8 weight), concatenated; standard ONNX, TensorRT's rules."""
+    from sfr_export.qdq_check import check_qdq
+    from sfr_export.quant.qdq import w8a8_mac_share
+
+    _, hold = massive_setup
+    src = massive_onnx
+    model = load_backbone(massive_mistral)
+    names = list(obs.linear_modules(model))
+    mapping = map_matmuls(onnx.load(str(src), load_external_data=False),
+                          {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
+    rots = rotate_model(model, names)  # the torch model now holds W R; its rotated inputs give the ranges
+    _, thr = obs.observe(model, [(b.input_ids, b.attention_mask) for b in hold], names, obs.ObserveConfig(skip_prefix=1))
+    out = tmp_path / "w8a8.onnx"
+    mods = obs.linear_modules(model)
+    build_quantized(src, out, mapping, QuantPlan({n: "w8a8" for n in mapping}, thr, rotations=rots, prefix_float=1),
+                    weight_of=lambda n: mods[n].weight.detach().numpy(), bias_of=lambda n: None)
+    report = check_qdq(out)
+    assert report, report.summary()
+    assert w8a8_mac_share(out)["w8a8_mac_share"] == 1.0
+    m = onnx.load(str(out))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    qs = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert qs and all(producers[q.input[0]].op_type == "Slice" for q in qs)  # position 0 never quantized
+    concats = [n for n in m.graph.node if n.op_type == "Concat" and n.name.endswith("_concat")]
+    assert len(concats) == len(mapping)
+    for c in concats:
+        head, tail = (producers[i] for i in c.input)
+        assert head.op_type == tail.op_type == "MatMul" and head.input[1] == tail.input[1]  # one int8 weight
+    ref = _ort_embed(src, hold)
+    assert cos_rows(ref, _ort_embed(out, hold)).mean() > 0.99  # runs, and is the same model up to int8 error
