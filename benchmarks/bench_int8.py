@@ -81,7 +81,9 @@ def noise_floor(ref: np.ndarray, gold: np.ndarray, cos_mean: float, draws: int =
 
 
 def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    from sfr_export.vectors import row_cosine
+
+    return row_cosine(a, b)
 
 
 def encode_all(emb, s1, s2, tr) -> tuple[dict[str, np.ndarray], float, int]:

@@ -90,6 +90,8 @@ class StageRecord:
     def __post_init__(self) -> None:
         self.stage = StageKind.parse(self.stage)
         self.status = Status.parse(self.status)
+        if self.variant is None and self.config.get("variant") in {v.value for v in Variant}:
+            self.variant = self.config["variant"]  # stages that say it in their config only (and manifest v1)
         if self.variant is not None:
             self.variant = Variant.parse(self.variant)
         if not self.config_sha256:

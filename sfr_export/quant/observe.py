@@ -65,6 +65,72 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+class _Recorder:
+    """Forward pre-hooks that record each linear's input: channel abs-max, a row sample, and the histogram."""
+
+    def __init__(self, config: ObserveConfig, n_batches: int, seed: int):
+        self.config = config
+        self.stats: dict[str, LinearStats] = {}
+        self.collector = _histogram_collector(config)
+        self.rng = np.random.default_rng(seed)
+        self.mask: Any = None
+        self.per_batch_rows = max(1, config.keep_rows // max(1, n_batches))
+
+    def _rows(self, x: Any) -> Any:
+        """The input's real (unmasked) token rows, past ``skip_prefix``, as float32."""
+        m = self.mask
+        if self.config.skip_prefix and x.dim() == 3 and x.shape[:2] == m.shape:
+            x, m = x[:, self.config.skip_prefix:], m[:, self.config.skip_prefix:]
+        return (x[m.bool()] if x.dim() == 3 and x.shape[:2] == m.shape else x.reshape(-1, x.shape[-1])).float()
+
+    def hook(self, name: str) -> Any:
+        import torch
+
+        def fn(_mod: Any, args: tuple[Any, ...]) -> None:
+            x2 = self._rows(args[0].detach())
+            if x2.shape[0] == 0:
+                return
+            cam = x2.abs().amax(dim=0).cpu().numpy()
+            st = self.stats.get(name)
+            if st is None:
+                st = self.stats[name] = LinearStats(channel_absmax=cam)
+            else:
+                np.maximum(st.channel_absmax, cam, out=st.channel_absmax)
+            st.absmax = max(st.absmax, float(cam.max()))
+            n_rows = x2.shape[0]
+            take = np.sort(self.rng.choice(n_rows, size=min(self.per_batch_rows, n_rows), replace=False))
+            st.rows.append(x2[torch.from_numpy(take)].cpu().numpy().astype(np.float32))  # only sampled rows leave torch
+            st.n_rows += n_rows
+            if self.collector is not None:
+                with _quiet():
+                    self.collector.collect({name: x2.cpu().numpy().reshape(-1)})
+        return fn
+
+    def ranges(self) -> dict[str, float]:
+        """Per-tensor activation abs-max thresholds by ``config.method``; refuses a non-finite one."""
+        ranges = {n: s.absmax for n, s in self.stats.items()}
+        if self.collector is not None:
+            with _quiet():
+                res = self.collector.compute_collection_result()
+            for n, v in res.items():
+                ranges[n] = float(max(abs(float(v[0])), abs(float(v[1]))))
+        for n, r in ranges.items():
+            if not np.isfinite(r):
+                raise CalibrationError(f"activation range of {n} is not finite ({r}): the model produced NaN/inf on "
+                                       "calibration data")
+        return ranges
+
+
+def _histogram_collector(config: ObserveConfig) -> Any:
+    if config.method == "minmax":
+        return None
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    return HistogramCollector(method=config.method, symmetric=True, num_bins=config.num_bins,
+                              num_quantized_bins=config.num_quantized_bins, percentile=config.percentile,
+                              scenario="same")
+
+
 def observe(model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], names: Sequence[str],
             config: ObserveConfig, *, seed: int = 0) -> tuple[dict[str, LinearStats], dict[str, float]]:
     """Run ``model`` on ``batches`` (input_ids, attention_mask) and return per-linear stats and per-tensor ranges
@@ -75,65 +141,18 @@ def observe(model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], names:
     missing = [n for n in names if n not in mods]
     if missing:
         raise CalibrationError(f"linear layers {missing[:3]} not found in the model")
-    stats: dict[str, LinearStats] = {}
-    collector = None
-    if config.method != "minmax":
-        from onnxruntime.quantization.calibrate import HistogramCollector
-
-        collector = HistogramCollector(method=config.method, symmetric=True, num_bins=config.num_bins,
-                                       num_quantized_bins=config.num_quantized_bins, percentile=config.percentile,
-                                       scenario="same")
-    rng = np.random.default_rng(seed)
-    current_mask: list[torch.Tensor] = []
-    per_batch_rows = max(1, config.keep_rows // max(1, len(batches)))
-
-    def hook(name: str):
-        def fn(_mod: Any, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            m = current_mask[0]
-            if config.skip_prefix and x.dim() == 3 and x.shape[:2] == m.shape:
-                x, m = x[:, config.skip_prefix:], m[:, config.skip_prefix:]
-            x2 = x[m.bool()] if x.dim() == 3 and x.shape[:2] == m.shape else x.reshape(-1, x.shape[-1])
-            x2 = x2.float()
-            if x2.shape[0] == 0:
-                return
-            cam = x2.abs().amax(dim=0).cpu().numpy()
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = LinearStats(channel_absmax=cam)
-            else:
-                np.maximum(st.channel_absmax, cam, out=st.channel_absmax)
-            st.absmax = max(st.absmax, float(cam.max()))
-            n_rows = x2.shape[0]
-            take = np.sort(rng.choice(n_rows, size=min(per_batch_rows, n_rows), replace=False))
-            st.rows.append(x2[torch.from_numpy(take)].cpu().numpy().astype(np.float32))  # only the sampled rows leave torch
-            st.n_rows += n_rows
-            if collector is not None:
-                with _quiet():
-                    collector.collect({name: x2.cpu().numpy().reshape(-1)})
-        return fn
-
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    rec = _Recorder(config, len(batches), seed)
+    handles = [mods[n].register_forward_pre_hook(rec.hook(n)) for n in names]
     try:
         with torch.inference_mode():
             for ids, mask in batches:
                 t_ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-                t_mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
-                current_mask[:] = [t_mask]
-                model(input_ids=t_ids, attention_mask=t_mask)
+                rec.mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+                model(input_ids=t_ids, attention_mask=rec.mask)
     finally:
         for h in handles:
             h.remove()
-    ranges = {n: s.absmax for n, s in stats.items()}
-    if collector is not None:
-        with _quiet():
-            res = collector.compute_collection_result()
-        for n, v in res.items():
-            ranges[n] = float(max(abs(float(v[0])), abs(float(v[1]))))
-    for n, r in ranges.items():
-        if not np.isfinite(r):
-            raise CalibrationError(f"activation range of {n} is not finite ({r}): the model produced NaN/inf on calibration data")
-    return stats, ranges
+    return rec.stats, rec.ranges()
 
 
 def act_scale(threshold: float) -> float:

@@ -207,6 +207,52 @@ def _bucket(n: int, lengths: tuple[LengthBucket, ...]) -> int:
     return len(lengths) - 1
 
 
+def _entry_rows(recipe: Recipe) -> list[list[dict[str, Any]]]:
+    """Each entry's rows; in a user JSONL an entry takes only the rows of its own task (and instruction)."""
+    out: list[list[dict[str, Any]]] = []
+    cache: dict[Path, list[dict[str, Any]]] = {}
+    for t in recipe.tasks:
+        rows = cache.setdefault(t.data, read_jsonl(t.data))
+        if any("task" in r for r in rows) and any(r.get("task") == t.type for r in rows):
+            rows = [r for r in rows if r.get("task") == t.type and (t.instruction is None or r.get("instruction") == t.instruction)]
+        out.append(rows)
+    return out
+
+
+def _quotas(recipe: Recipe, total: int) -> list[int]:
+    """Texts per entry by the largest-remainder method, so that they add up to exactly ``total``."""
+    share_sum = sum(t.share for t in recipe.tasks)
+    exact = [total * t.share / share_sum for t in recipe.tasks]
+    quotas = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: -(exact[i] - quotas[i]))[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _pick_entry(recipe: Recipe, k: int, entry: Any, rows: list[dict[str, Any]], quota: int, tokenizer: Any,
+                spec: ModelSpec) -> list[CalText]:
+    """``quota`` texts of one entry, spread over the recipe's token-length buckets (seeded)."""
+    rng = random.Random(recipe.seed * 1000003 + k)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    cand = [rows[i] for i in order[: max(4 * quota, quota + 16)]]
+    default_ins = entry.resolved_instruction()
+    texts = [_format(entry, r["text"], spec, r.get("instruction") or default_ins) for r in cand]
+    lens = [len(s) for s in tokenizer.encode(texts).ids]
+    buckets: list[list[int]] = [[] for _ in recipe.lengths]
+    for i, n in enumerate(lens):
+        buckets[_bucket(n, recipe.lengths)].append(i)
+    bshare = sum(b.share for b in recipe.lengths) or 1.0
+    chosen: list[int] = []
+    for bi, b in enumerate(recipe.lengths):
+        chosen += buckets[bi][: round(quota * b.share / bshare)]
+    taken = set(chosen)
+    leftovers = [i for bucket in buckets for i in bucket if i not in taken]
+    chosen += leftovers[: max(0, quota - len(chosen))]  # a bucket this task cannot fill: take the nearest rest
+    return [CalText(text=texts[i], raw=cand[i]["text"], type=entry.type, source=entry.source,
+                    tokens=min(lens[i], spec.max_length)) for i in chosen[:quota]]
+
+
 def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: str = "minmax",
                   protected: frozenset[str] | None = None) -> CalibrationSet:
     """Draw ``samples`` calibration + ``holdout`` held-out texts, deterministic in ``recipe.seed``.
@@ -218,45 +264,12 @@ def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: st
     need = METHOD_MIN_SAMPLES[method]
     if recipe.samples < need:
         raise CalibrationError(f"recipe '{recipe.name}' asks for {recipe.samples} calibration texts; method '{method}' needs at least {need}")
-    total = recipe.samples + recipe.holdout
-    share_sum = sum(t.share for t in recipe.tasks)
-    rows_by_entry: list[list[dict[str, Any]]] = []
-    cache: dict[Path, list[dict[str, Any]]] = {}
-    for t in recipe.tasks:
-        rows = cache.setdefault(t.data, read_jsonl(t.data))
-        # user JSONL: an entry takes only the rows of its own task (and instruction)
-        if any("task" in r for r in rows) and any(r.get("task") == t.type for r in rows):
-            rows = [r for r in rows if r.get("task") == t.type and (t.instruction is None or r.get("instruction") == t.instruction)]
-        rows_by_entry.append(rows)
+    rows_by_entry = _entry_rows(recipe)
     check_no_leakage(((str(t.data.name), r["text"]) for t, rows in zip(recipe.tasks, rows_by_entry) for r in rows), protected)
-
-    # quotas by the largest-remainder method, so they add up to exactly `total`
-    exact = [total * t.share / share_sum for t in recipe.tasks]
-    quotas = [int(x) for x in exact]
-    for i in sorted(range(len(exact)), key=lambda i: -(exact[i] - quotas[i]))[: total - sum(quotas)]:
-        quotas[i] += 1
+    quotas = _quotas(recipe, recipe.samples + recipe.holdout)
     picked: list[CalText] = []
     for k, (entry, rows) in enumerate(zip(recipe.tasks, rows_by_entry)):
-        quota = max(1, quotas[k])
-        rng = random.Random(recipe.seed * 1000003 + k)
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        cand = [rows[i] for i in order[: max(4 * quota, quota + 16)]]
-        default_ins = entry.resolved_instruction()
-        texts = [_format(entry, r["text"], spec, r.get("instruction") or default_ins) for r in cand]
-        lens = [len(s) for s in tokenizer.encode(texts).ids]
-        buckets: list[list[int]] = [[] for _ in recipe.lengths]
-        for i, n in enumerate(lens):
-            buckets[_bucket(n, recipe.lengths)].append(i)
-        bshare = sum(b.share for b in recipe.lengths) or 1.0
-        chosen: list[int] = []
-        for bi, b in enumerate(recipe.lengths):
-            chosen += buckets[bi][: round(quota * b.share / bshare)]
-        leftovers = [i for bi in range(len(buckets)) for i in buckets[bi] if i not in set(chosen)]
-        chosen += leftovers[: max(0, quota - len(chosen))]  # a bucket this task cannot fill: take the nearest rest
-        for i in chosen[:quota]:
-            picked.append(CalText(text=texts[i], raw=cand[i]["text"], type=entry.type, source=entry.source,
-                                  tokens=min(lens[i], spec.max_length)))
+        picked += _pick_entry(recipe, k, entry, rows, max(1, quotas[k]), tokenizer, spec)
     random.Random(recipe.seed).shuffle(picked)
     holdout, calib = picked[: recipe.holdout], picked[recipe.holdout: recipe.holdout + recipe.samples]
     if len(calib) < need:
@@ -267,9 +280,8 @@ def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: st
                     len(calib), recipe.samples)
     pairs: list[tuple[str, str, float]] = []
     if recipe.holdout_pairs is not None:
-        prs = read_jsonl_pairs(recipe.holdout_pairs)
-        check_no_leakage(((recipe.holdout_pairs.name, t) for a, b, _ in prs for t in (a, b)), protected)
-        pairs = prs
+        pairs = read_jsonl_pairs(recipe.holdout_pairs)
+        check_no_leakage(((recipe.holdout_pairs.name, t) for a, b, _ in pairs for t in (a, b)), protected)
     return CalibrationSet(calibration=calib, holdout=holdout, pairs=pairs)
 
 

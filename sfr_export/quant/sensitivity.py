@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FidelityGateError
+from ..vectors import row_cosine
 from .observe import QMAX, act_scale, linear_modules
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,6 @@ class Fidelity:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(axis=1)
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -75,14 +70,14 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def fidelity(ref: np.ndarray, cand: np.ndarray, pairs_ref: np.ndarray | None = None, pairs_cand: np.ndarray | None = None,
              gold: np.ndarray | None = None) -> Fidelity:
-    c = cos_rows(ref, cand)
+    c = row_cosine(ref, cand)
     f = Fidelity(cos_mean=float(c.mean()), cos_p1=float(np.percentile(c, 1)), cos_min=float(c.min()), n=len(c))
     if pairs_ref is not None and pairs_cand is not None and gold is not None:
         n = len(gold)
         s_ref = spearman((pairs_ref[:n] * pairs_ref[n:]).sum(1), gold)
         s_cand = spearman((pairs_cand[:n] * pairs_cand[n:]).sum(1), gold)
         f.spearman_ref, f.spearman_delta = s_ref * 100, (s_cand - s_ref) * 100
-        f.spearman_noise = spearman_noise(pairs_ref, gold, float(cos_rows(pairs_ref, pairs_cand).mean()))
+        f.spearman_noise = spearman_noise(pairs_ref, gold, float(row_cosine(pairs_ref, pairs_cand).mean()))
     return f
 
 
@@ -223,107 +218,126 @@ def local_sensitivity(model: Any, names: Sequence[str], thresholds: dict[str, fl
     return out
 
 
+class _ModeSearch:
+    """The state of one mixed-precision search: the model, its evaluator, the targets and the history of tries."""
+
+    def __init__(self, model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator,
+                 targets: Targets, say: Callable[[str], None], sens_subset: int | None,
+                 rows: dict[str, np.ndarray] | None, e2e_max_layers: int):
+        self.model, self.names, self.thresholds, self.evaluate = model, list(names), thresholds, evaluate
+        self.targets, self.strict_targets, self.say = targets, targets.with_margin(), say
+        self.sens_subset, self.rows = sens_subset, rows
+        self.local = rows is not None and len(self.names) > e2e_max_layers
+        self.order: list[str] = []
+        self.sel = Selection(modes={}, fidelity=Fidelity(0, 0, 0), met=False, history=[])
+        self.sel.sensitivity_kind = ("local output error on calibration rows" if self.local
+                                     else "1 - mean cosine on held-out texts with only this layer quantized")
+
+    def run(self, modes: dict[str, str], label: str, pairs: bool = True, goal: Targets | None = None) -> Fidelity:
+        goal = goal or self.targets
+        f = self.evaluate(self.model, modes, self.thresholds, pairs=pairs)
+        self.sel.history.append({"config": label, **f.to_dict(), "met": goal.met(f),
+                                 "goal": {"cos_mean": round(goal.cos_mean, 6), "cos_p1": round(goal.cos_p1, 6)}})
+        dsp = f.spearman_delta if f.spearman_delta is None else round(f.spearman_delta, 2)
+        self.say(f"{label}: cos {f.cos_mean:.5f} p1 {f.cos_p1:.5f} dSp {dsp}")
+        return f
+
+    def sensitivity(self, mode: str) -> dict[str, float]:
+        self.say(f"per-layer {mode} sensitivity of {len(self.names)} linears ({'local' if self.local else 'end-to-end'})")
+        if self.local:
+            assert self.rows is not None
+            return local_sensitivity(self.model, self.names, self.thresholds, self.rows, mode)
+        return layer_sensitivity(self.model, self.names, self.thresholds, self.evaluate, mode, self.sens_subset)
+
+    def config(self, k: int, floats: Sequence[str] = ()) -> dict[str, str]:
+        """The ``k`` least W8A8-sensitive linears in W8A8, ``floats`` in float, the rest weight-only."""
+        m = {n: "w8" for n in self.names}
+        for n in self.order[:k]:
+            m[n] = "w8a8"
+        for n in floats:
+            m[n] = "float"
+        return m
+
+    def best_w8a8(self) -> tuple[int, Fidelity] | None:
+        """Search on cosine alone (cheap), then confirm with the task score, backing off while it misses."""
+        self.sel.sensitivity_w8a8 = self.sensitivity("w8a8")
+        self.order = sorted(self.names, key=lambda n: self.sel.sensitivity_w8a8[n])
+        f0 = self.run(self.config(0), "weight-only")
+        if not self.targets.met(f0):
+            return None
+        lo, hi = 0, len(self.order) + 1  # the largest k meeting the cosine target
+        while hi - lo > max(1, len(self.order) // 32):
+            mid = (lo + hi) // 2
+            f = self.run(self.config(mid), f"w8a8 x{mid} (cosine only)", pairs=False, goal=self.strict_targets)
+            lo, hi = (mid, hi) if self.strict_targets.met(f) else (lo, mid)
+        k = lo
+        while k > 0:
+            f = self.run(self.config(k), f"w8a8 x{k}", goal=self.strict_targets)
+            if self.strict_targets.met(f):
+                return k, f
+            k //= 2
+        return 0, f0
+
+    def accept(self, k: int, f: Fidelity) -> Selection:
+        sel = self.sel
+        sel.modes, sel.fidelity, sel.met = self.config(k), f, True
+        for n in self.order[k:]:
+            sel.float_reasons[n] = (f"activation kept float (weight-only int8): W8A8 sensitivity "
+                                    f"{sel.sensitivity_w8a8.get(n, 0):.2e}")
+        return sel
+
+    def with_floats(self, strict: bool) -> Selection:
+        """Weight-only everywhere misses the target: move the most weight-sensitive linears to float."""
+        sel = self.sel
+        self.say("weight-only misses the target: measuring weight-only sensitivity")
+        sel.sensitivity_w8 = self.sensitivity("w8")
+        worst = sorted(self.names, key=lambda n: -sel.sensitivity_w8[n])
+        lo, hi = 0, max(1, int(len(self.names) * self.targets.max_float_fraction))
+        f_hi = self.run(self.config(0, worst[:hi]), f"float x{hi}")
+        if not self.targets.met(f_hi):
+            t = self.targets
+            msg = (f"fidelity targets (cos mean >= {t.cos_mean}, p1 >= {t.cos_p1}, |dSpearman| <= {t.spearman_delta}) "
+                   f"cannot be met with at most {hi} of {len(self.names)} MatMuls in float; best reached: cos mean "
+                   f"{f_hi.cos_mean:.5f}, p1 {f_hi.cos_p1:.5f}, dSpearman {f_hi.spearman_delta}")
+            if strict:
+                raise FidelityGateError(msg)
+            log.warning(msg)
+            sel.modes, sel.fidelity, sel.met = self.config(0, worst[:hi]), f_hi, False
+        else:
+            best_m, best_f = hi, f_hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                f = self.run(self.config(0, worst[:mid]), f"float x{mid}")
+                if self.targets.met(f):
+                    hi, best_m, best_f = mid, mid, f
+                else:
+                    lo = mid
+            sel.modes, sel.fidelity, sel.met = self.config(0, worst[:best_m]), best_f, True
+        self._float_reasons()
+        return sel
+
+    def _float_reasons(self) -> None:
+        sel = self.sel
+        for n in self.names:
+            if sel.modes[n] == "float":
+                sel.float_reasons[n] = f"kept float: weight-only sensitivity {sel.sensitivity_w8[n]:.2e} (among the worst)"
+            elif sel.modes[n] == "w8":
+                sel.float_reasons[n] = "activation kept float (weight-only int8)"
+
+
 def choose_modes(model: Any, names: Sequence[str], thresholds: dict[str, float], evaluate: Evaluator,
                  targets: Targets, *, allow_w8a8: bool = True, sens_subset: int | None = 16,
                  strict: bool = False, progress: Callable[[str], None] | None = None,
                  rows: dict[str, np.ndarray] | None = None, e2e_max_layers: int = 64) -> Selection:
     """Fidelity-targeted mixed precision (see module doc). ``strict`` raises FidelityGateError (with the best
     fidelity reached) when the targets cannot be met within ``targets.max_float_fraction`` float layers."""
-    say = progress or (lambda _m: None)
-    history: list[dict[str, Any]] = []
-
-    strict_targets = targets.with_margin()
-
-    def run(modes: dict[str, str], label: str, pairs: bool = True, goal: Targets = targets) -> Fidelity:
-        f = evaluate(model, modes, thresholds, pairs=pairs)
-        history.append({"config": label, **f.to_dict(), "met": goal.met(f),
-                        "goal": {"cos_mean": round(goal.cos_mean, 6), "cos_p1": round(goal.cos_p1, 6)}})
-        say(f"{label}: cos {f.cos_mean:.5f} p1 {f.cos_p1:.5f} dSp {f.spearman_delta if f.spearman_delta is None else round(f.spearman_delta, 2)}")
-        return f
-
-    sel = Selection(modes={}, fidelity=Fidelity(0, 0, 0), met=False, history=history)
-    order: list[str] = []
-    local = rows is not None and len(names) > e2e_max_layers
-    sel.sensitivity_kind = ("local output error on calibration rows" if local
-                            else "1 - mean cosine on held-out texts with only this layer quantized")
-
-    def sensitivity(mode: str) -> dict[str, float]:
-        say(f"per-layer {mode} sensitivity of {len(names)} linears ({'local' if local else 'end-to-end'})")
-        if local:
-            assert rows is not None
-            return local_sensitivity(model, names, thresholds, rows, mode)
-        return layer_sensitivity(model, names, thresholds, evaluate, mode, sens_subset)
-
+    search = _ModeSearch(model, names, thresholds, evaluate, targets, progress or (lambda _m: None), sens_subset,
+                         rows, e2e_max_layers)
     if allow_w8a8:
-        sel.sensitivity_w8a8 = sensitivity("w8a8")
-        order = sorted(names, key=lambda n: sel.sensitivity_w8a8[n])
-
-    def config(k: int, floats: Sequence[str] = ()) -> dict[str, str]:
-        m = {n: "w8" for n in names}
-        for n in order[:k]:
-            m[n] = "w8a8"
-        for n in floats:
-            m[n] = "float"
-        return m
-
-    best: tuple[int, Fidelity] | None = None
-    if allow_w8a8:
-        # search on cosine alone (cheap), then confirm the choice with the task score, backing off if needed
-        f0 = run(config(0), "weight-only")
-        if targets.met(f0):
-            lo, hi = 0, len(order) + 1  # largest k meeting the cosine target
-            while hi - lo > max(1, len(order) // 32):
-                mid = (lo + hi) // 2
-                if strict_targets.met(run(config(mid), f"w8a8 x{mid} (cosine only)", pairs=False, goal=strict_targets)):
-                    lo = mid
-                else:
-                    hi = mid
-            k = lo
-            while k > 0:
-                f = run(config(k), f"w8a8 x{k}", goal=strict_targets)
-                if strict_targets.met(f):
-                    best = (k, f)
-                    break
-                k //= 2
-            if best is None:
-                best = (0, f0)
+        best = search.best_w8a8()
     else:
-        f0 = run(config(0), "weight-only")
+        f0 = search.run(search.config(0), "weight-only")
         best = (0, f0) if targets.met(f0) else None
     if best is not None:
-        k, f = best
-        sel.modes, sel.fidelity, sel.met = config(k), f, True
-        for n in order[k:]:
-            sel.float_reasons[n] = f"activation kept float (weight-only int8): W8A8 sensitivity {sel.sensitivity_w8a8.get(n, 0):.2e}"
-        return sel
-    # weight-only everywhere misses the target: move the most weight-sensitive linears to float
-    say("weight-only misses the target: measuring weight-only sensitivity")
-    sel.sensitivity_w8 = sensitivity("w8")
-    worst = sorted(names, key=lambda n: -sel.sensitivity_w8[n])
-    max_float = max(1, int(len(names) * targets.max_float_fraction))
-    lo, hi = 0, max_float
-    f_hi = run(config(0, worst[:hi]), f"float x{hi}")
-    if not targets.met(f_hi):
-        msg = (f"fidelity targets (cos mean >= {targets.cos_mean}, p1 >= {targets.cos_p1}, |dSpearman| <= "
-               f"{targets.spearman_delta}) cannot be met with at most {max_float} of {len(names)} MatMuls in float; "
-               f"best reached: cos mean {f_hi.cos_mean:.5f}, p1 {f_hi.cos_p1:.5f}, dSpearman {f_hi.spearman_delta}")
-        if strict:
-            raise FidelityGateError(msg)
-        log.warning(msg)
-        sel.modes, sel.fidelity, sel.met = config(0, worst[:hi]), f_hi, False
-    else:
-        best_m, best_f = hi, f_hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            f = run(config(0, worst[:mid]), f"float x{mid}")
-            if targets.met(f):
-                hi, best_m, best_f = mid, mid, f
-            else:
-                lo = mid
-        sel.modes, sel.fidelity, sel.met = config(0, worst[:best_m]), best_f, True
-    for n in names:
-        if sel.modes[n] == "float":
-            sel.float_reasons[n] = f"kept float: weight-only sensitivity {sel.sensitivity_w8[n]:.2e} (among the worst)"
-        elif sel.modes[n] == "w8":
-            sel.float_reasons[n] = "activation kept float (weight-only int8)"
-    return sel
+        return search.accept(*best)
+    return search.with_floats(strict)

@@ -479,9 +479,28 @@ def run_calibrate(root: Path, config: CalibrateConfig, *, force: bool = False, o
     """Calibrate the fp32 ONNX of ``root`` into ``onnx/int8`` (+ ``onnx/int8-cpu``); record both in the manifest."""
     root = Path(root)
     manifest = Manifest.load(root)
-    src_rec = manifest.stage("export:fp32")
-    if src_rec is None:
-        raise ArtifactError(f"{root} has no export:fp32 stage: run `sfr-export export` first")
+    src = _fp32_source(manifest, config)
+    names = ["calibrate:int8"] + (["calibrate:int8-cpu"] if config.cpu_form else [])
+    want = {n: {**config.to_dict(), "variant": n.split(":")[1]} for n in names}
+    done = None if force else _up_to_date(manifest, names, want)
+    if done is not None:
+        return done
+    tmp = root / "onnx" / ".calibrate.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        job = {"config": config.to_dict(), "spec": manifest.data["spec"], "model_dir": manifest.model["local_dir"],
+               "fp32_onnx": str(src), "out_dir": str(tmp)}
+        result = run_worker("sfr_export.stages.calibrate", job, log_path=root / "logs" / "calibrate.log", on_progress=on_progress)
+        return [_record_variant(manifest, n, want[n], tmp, result) for n in names]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fp32_source(manifest: Manifest, config: CalibrateConfig) -> Path:
+    """The verified fp32 ONNX to calibrate; refuses SmoothQuant where its fold cannot be proven."""
+    if manifest.stage("export:fp32") is None:
+        raise ArtifactError(f"{manifest.root} has no export:fp32 stage: run `sfr-export export` first")
     manifest.verify_stage("export:fp32")
     src = manifest.artifact_path("export:fp32", "onnx")
     if config.alpha() is not None and config.torch_dtype_for(_onnx_weight_bytes(src)) == "bfloat16":
@@ -490,53 +509,51 @@ def run_calibrate(root: Path, config: CalibrateConfig, *, force: bool = False, o
         raise UserInputError("SmoothQuant needs an fp32 torch reference to prove its fold (bf16 re-rounds the folded "
                              "weights); pass --reference-dtype float32 (about 4 bytes per parameter of RAM) or "
                              "--smoothquant off")
-    names = ["calibrate:int8"] + (["calibrate:int8-cpu"] if config.cpu_form else [])
-    want = {n: {**config.to_dict(), "variant": n.split(":")[1]} for n in names}
+    return src
+
+
+def _up_to_date(manifest: Manifest, names: list[str], want: dict[str, dict[str, Any]]) -> list[StageRecord] | None:
     existing = [manifest.stage(n) for n in names]
-    if not force and all(e is not None and _same_config(e.config, want[e.name]) for e in existing):
-        try:
-            for n in names:
-                manifest.verify_stage(n)
-            log.info("calibrate is up to date (use --force to redo)")
-            return [e for e in existing if e is not None]
-        except ArtifactError as exc:
-            log.warning("re-calibrating: %s", exc)
-    tmp = root / "onnx" / ".calibrate.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if not all(e is not None and _same_config(e.config, want[e.name]) for e in existing):
+        return None
     try:
-        job = {"config": config.to_dict(), "spec": manifest.data["spec"], "model_dir": manifest.model["local_dir"],
-               "fp32_onnx": str(src), "out_dir": str(tmp)}
-        result = run_worker("sfr_export.stages.calibrate", job, log_path=root / "logs" / "calibrate.log", on_progress=on_progress)
-        records = []
         for n in names:
-            variant = n.split(":")[1]
-            final = root / "onnx" / variant
-            if final.exists():
-                shutil.rmtree(final)
-            (tmp / variant).rename(final)  # the .onnx and its .data move together
-            arts = [ArtifactRecord.of(root, p, "onnx" if p.suffix == ".onnx" else "onnx-data")
-                    for p in sorted(final.iterdir()) if p.is_file()]
-            part = result[variant]
-            fid = part["fidelity"]
-            figures = {"fidelity": fid, **({k: v for k, v in part.items() if k not in ("fidelity", "modes")})}
-            if variant == "int8":
-                figures.update(result["figures"])
-                figures["calibrate_seconds"] = result.get("calibrate_seconds")
-                figures["worker_peak_rss_mb"] = result.get("worker_peak_rss_mb")
-            session = QDQ_SESSION_CONFIG if variant == "int8" else CPU_SESSION_CONFIG
-            status, reason = "ok", ""
-            if not fid["met"]:
-                status = "failed-targets"
-                reason = (f"ORT {variant} vs torch fp32: cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, "
-                          f"dSpearman {fid.get('spearman_delta')} (noise floor {fid.get('spearman_noise')}) misses the targets")
-            rec = StageRecord(stage="calibrate", name=n, config={**want[n], "ort_session_config": dict(session)},
-                              artifacts=arts, figures=figures, status=status, reason=reason)
-            manifest.record(rec)
-            records.append(rec)
-        return records
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            manifest.verify_stage(n)
+    except ArtifactError as exc:
+        log.warning("re-calibrating: %s", exc)
+        return None
+    log.info("calibrate is up to date (use --force to redo)")
+    return [e for e in existing if e is not None]
+
+
+def _record_variant(manifest: Manifest, name: str, config: dict[str, Any], tmp: Path,
+                    result: dict[str, Any]) -> StageRecord:
+    """Move one variant's files into ``onnx/<variant>`` and record its stage (failed-targets when it misses)."""
+    root = manifest.root
+    variant = name.split(":")[1]
+    final = root / "onnx" / variant
+    if final.exists():
+        shutil.rmtree(final)
+    (tmp / variant).rename(final)  # the .onnx and its .data move together
+    arts = [ArtifactRecord.of(root, p, "onnx" if p.suffix == ".onnx" else "onnx-data")
+            for p in sorted(final.iterdir()) if p.is_file()]
+    part = result[variant]
+    fid = part["fidelity"]
+    figures = {"fidelity": fid, **({k: v for k, v in part.items() if k not in ("fidelity", "modes")})}
+    if variant == "int8":
+        figures.update(result["figures"])
+        figures["calibrate_seconds"] = result.get("calibrate_seconds")
+        figures["worker_peak_rss_mb"] = result.get("worker_peak_rss_mb")
+    session = QDQ_SESSION_CONFIG if variant == "int8" else CPU_SESSION_CONFIG
+    status, reason = "ok", ""
+    if not fid["met"]:
+        status = "failed-targets"
+        reason = (f"ORT {variant} vs torch fp32: cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, "
+                  f"dSpearman {fid.get('spearman_delta')} (noise floor {fid.get('spearman_noise')}) misses the targets")
+    rec = StageRecord(stage="calibrate", name=name, config={**config, "ort_session_config": dict(session)},
+                      artifacts=arts, figures=figures, status=status, reason=reason, variant=variant)
+    manifest.record(rec)
+    return rec
 
 
 if __name__ == "__main__":

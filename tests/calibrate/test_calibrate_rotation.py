@@ -13,7 +13,7 @@ from sfr_export.quant import observe as obs
 from sfr_export.quant.qdq import QuantPlan, build_quantized, map_matmuls, read_tensor
 from sfr_export.quant.recipe import load_recipe, sample_recipe
 from sfr_export.quant.rotation import make_rotation, rotate_model
-from sfr_export.quant.sensitivity import cos_rows
+from sfr_export.vectors import row_cosine
 from sfr_export.spec import spec_from_model_dir
 from sfr_export.stages.calibrate import make_batches, torch_embedder
 from sfr_export.tokenization import TextTokenizer
@@ -64,7 +64,7 @@ def test_rotated_torch_model_is_exact_in_float(massive_mistral, massive_setup):
     assert q_in[[3, 17, 40]].min() > 10 * np.median(q_in)  # the injected outlier channels are there
     rots = rotate_model(model, names)
     assert set(rots) == set(names)
-    assert cos_rows(ref, embed(hold)).min() >= 0.99999
+    assert row_cosine(ref, embed(hold)).min() >= 0.99999
     stats_r, _ = obs.observe(model, [(b.input_ids, b.attention_mask) for b in hold], names, obs.ObserveConfig())
     q_rot = stats_r["layers.0.self_attn.q_proj"].channel_absmax
     assert q_rot.max() / np.median(q_rot) < 0.25 * q_in.max() / np.median(q_in)  # spread over the channels
@@ -118,9 +118,9 @@ def test_rotated_onnx_is_exact_in_float_and_rescues_per_token_int8(massive_mistr
     ops = [n.op_type for n in onnx.load(str(exact)).graph.node]
     assert ops.count("Transpose") >= 8  # one online rotation per distinct input (q/k/v share one): 4 per layer
     onnx.checker.check_model(str(exact))  # standard ONNX ops only
-    assert cos_rows(ref, _ort_embed(exact, hold)).min() >= 0.99999
-    plain = cos_rows(ref, _ort_embed(build("row8", {}), hold))
-    rotated = cos_rows(ref, _ort_embed(build("row8", rots), hold))
+    assert row_cosine(ref, _ort_embed(exact, hold)).min() >= 0.99999
+    plain = row_cosine(ref, _ort_embed(build("row8", {}), hold))
+    rotated = row_cosine(ref, _ort_embed(build("row8", rots), hold))
     print(f"row8 plain cos {plain.mean():.5f} min {plain.min():.5f}; rotated {rotated.mean():.5f} min {rotated.min():.5f}")
     assert 1 - rotated.mean() < 0.5 * (1 - plain.mean())
 
@@ -157,4 +157,4 @@ def test_w8a8_with_rotated_inputs_and_the_first_position_float_is_tensorrt_confo
         head, tail = (producers[i] for i in c.input)
         assert head.op_type == tail.op_type == "MatMul" and head.input[1] == tail.input[1]  # one int8 weight
     ref = _ort_embed(src, hold)
-    assert cos_rows(ref, _ort_embed(out, hold)).mean() > 0.99  # runs, and is the same model up to int8 error
+    assert row_cosine(ref, _ort_embed(out, hold)).mean() > 0.99  # runs, and is the same model up to int8 error
