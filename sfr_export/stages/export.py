@@ -29,7 +29,7 @@ from .export_graph import OnnxIOSpec, export_program, make_wrapper, norms_to_fp3
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportConfig", "OnnxIOSpec", "compare_rows", "make_wrapper", "norms_to_fp32", "run_export",
+__all__ = ["ExportConfig", "OnnxIOSpec", "make_wrapper", "norms_to_fp32", "run_export",
            "validate_onnx", "validation_texts"]
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf caps one file at 2 GiB; stay well below
@@ -116,15 +116,14 @@ def validate_onnx(onnx_path: Path, torch_runner: Any, tokenizer: Any, spec: Mode
                                "graph_padding": graph_metadata(onnx_path).get(META_PADDING, "any")}
     forms = {"onnx": onnx_path, **({"onnx-cpu": cpu_form} if cpu_form is not None else {})}
     worst: tuple[float, str, str] = (2.0, "", "")
-    runners = {k: OrtRunner(p, session_config=session_config) for k, p in forms.items()}
-    try:
-        for r in runners.values():
-            r.activate()
-        for side in ("right", "left"):
-            tt = TextTokenizer(tokenizer, spec.replace(padding_side=side))
-            seqs = tt.encode(texts).ids
-            ref = _embed(torch_runner, tt, seqs, token_budget)
-            for kind, runner in runners.items():
+    refs = {}
+    for side in ("right", "left"):
+        tt = TextTokenizer(tokenizer, spec.replace(padding_side=side))
+        seqs = tt.encode(texts).ids
+        refs[side] = (tt, seqs, _embed(torch_runner, tt, seqs, token_budget))
+    for kind, path in forms.items():  # one ONNX Runtime session (weights + arena) alive at a time
+        with OrtRunner(path, session_config=session_config) as runner:
+            for side, (tt, seqs, ref) in refs.items():
                 cos = row_cosine(ref, _embed(runner, tt, seqs, token_budget))
                 key = f"{side}_padding" if kind == "onnx" else f"cpu_form_{side}_padding"
                 results[key] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
@@ -132,9 +131,6 @@ def validate_onnx(onnx_path: Path, torch_runner: Any, tokenizer: Any, spec: Mode
                 i = int(cos.argmin())
                 if not cos[i] >= worst[0]:
                     worst = (float(cos[i]), texts[i], f"{side} padding, {kind}")
-    finally:
-        for r in runners.values():
-            r.deactivate()
     results["min_cosine"] = worst[0]
     if worst[0] < threshold or not np.isfinite(worst[0]):
         raise ExportValidationError(
