@@ -67,3 +67,14 @@ def massive_mistral(outlier_mistral: Path, tmp_path_factory: pytest.TempPathFact
     sd["embed_tokens.weight"] = emb
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny GEMMs: one thread is as fast on an idle machine and far faster on a busy one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,15 +20,7 @@ from sfr_export.spec import spec_from_model_dir
 from sfr_export.stages.calibrate import make_batches, torch_embedder
 from sfr_export.tokenization import TextTokenizer
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """This model's GEMMs are tiny: one thread is as fast on an idle machine and far faster on a busy one."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TARGETS = sens.Targets(cos_mean=0.995, cos_p1=0.98, spearman_delta=100.0)  # cosine targets only: a random model has no task score

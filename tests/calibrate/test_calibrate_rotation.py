@@ -19,14 +19,7 @@ from sfr_export.stages.calibrate import make_batches, torch_embedder
 from sfr_export.tokenization import TextTokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("dim", [64, 100, 576, 1536])
