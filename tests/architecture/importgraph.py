@@ -67,7 +67,8 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
 
 
 def dangling_imports() -> list[str]:
-    """``from .x import y`` / ``from sfr_export.x import y`` whose module ``x`` does not exist in the package."""
+    """``from .x import y`` / ``from sfr_export.x import y`` (in the package, the tests, benchmarks and scripts) whose
+    module ``x`` does not exist in the package."""
     files = module_files()
     known = set(files)
     bad = []
@@ -78,6 +79,11 @@ def dangling_imports() -> list[str]:
                 base = _resolve(module, is_pkg, node)[-1]
                 if base.startswith(PKG) and base not in known:
                     bad.append(f"{module}: from {'.' * node.level}{node.module} ({base})")
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(PKG + "."):
+                if node.module not in known:
+                    bad.append(f"{path.relative_to(ROOT)}: from {node.module}")
     return sorted(bad)
 
 

@@ -122,7 +122,7 @@ def test_w8a8_with_rotated_inputs_and_the_first_position_float_is_tensorrt_confo
                                                                                      massive_onnx, tmp_path):
     """--rotation on --prefix-float 1: every W8A8 MatMul is split into a float-activation MatMul on position 0 and a
     per-tensor static Q/DQ MatMul on the rest (same int8 weight), concatenated; standard ONNX, TensorRT's rules."""
-    from sfr_export.qdq_check import check_qdq
+    from sfr_export.tensorrt.qdq_check import check_qdq
     from sfr_export.quant.qdq import w8a8_mac_share
 
     _, hold = massive_setup

@@ -77,7 +77,7 @@ def test_cli_prints_the_skip_without_traceback(artifact_copy, capsys):
 
     assert _cli(main, ["engine", str(artifact_copy), "--precision", "fp32", "--batch", "1,4,8", "--seq", "1,32,64"]) == 0
     cap = capsys.readouterr()
-    assert "engine skipped" in cap.err and "Traceback" not in cap.err + cap.out
+    assert "engine stage skipped" in cap.err and "Traceback" not in cap.err + cap.out
     assert '"status": "skipped"' in cap.out and '"seq_profile": [\n    1,\n    32,\n    64\n  ]' in cap.out
 
 
