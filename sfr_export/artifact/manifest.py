@@ -262,7 +262,3 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} has manifest_version {version!r}; this sfr-export reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))}: rebuild the output dir or upgrade sfr-export")
     return data
-
-
-def verify_artifact(root: Path, a: ArtifactRecord) -> None:
-    a.verify(root)

@@ -15,7 +15,6 @@ from typing import Any
 
 from ..errors import ModelLoadError, UserInputError
 from ..spec import ModelSpec, spec_from_model_dir
-from .cache import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ deserializes: TRT version, GPU name and compute capability, profiles, precision,
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
