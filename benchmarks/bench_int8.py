@@ -394,10 +394,12 @@ def _lever_models(root: Path, work: Path) -> dict[str, Path]:
     from sfr_export.models import load_backbone
     from sfr_export.quant import observe as obs, qdq
     from sfr_export.quant.rotation import make_rotation
-    from sfr_export.stages.calibrate import CPU_ROTATION_SKIP
+    from sfr_export.stages.calibrate import CPU_ROTATION_SKIP, fuse_cpu_attention
+    from sfr_export.stages.export import plan_attention_from_dir
 
     src = root / "onnx" / "fp32" / "model.onnx"
-    model = load_backbone(Path(Manifest.load(root).model["local_dir"]))
+    model_dir = Path(Manifest.load(root).model["local_dir"])
+    model, plan = load_backbone(model_dir), plan_attention_from_dir(model_dir)
     proto = onnx.load(str(src), load_external_data=False)
     mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
     inits = {t.name: t for t in proto.graph.initializer}
@@ -414,6 +416,7 @@ def _lever_models(root: Path, work: Path) -> dict[str, Path]:
         qdq.build_quantized(src, path, mapping, qdq.QuantPlan({n: mode for n in mapping}, {}, rotations=rots),
                             weight_of=lambda n, r=rots: (lambda w: r[n].apply(w) if n in r else w)(
                                 qdq.read_tensor(inits[mapping[n].weight], src.parent).T), bias_of=lambda n: None)
+        fuse_cpu_attention(path, plan)  # as the calibrate stage writes the CPU form
         out[k] = path
     return out
 
@@ -490,7 +493,8 @@ def cmd_smollm2(args) -> dict:
     man = Manifest.load(root)
     variants: dict[str, tuple[dict, Path]] = {}
     if not args.no_ort_fp32:
-        variants["ORT fp32"] = ({}, root / "onnx" / "fp32" / "model.onnx")
+        fp32 = root / "onnx" / "fp32"
+        variants["ORT fp32"] = ({}, next(p for p in (fp32 / "model.cpu.onnx", fp32 / "model.onnx") if p.exists()))
     for rec in (man.stage("calibrate:int8"), man.stage("calibrate:int8-cpu")):
         if rec is not None:
             v = rec.config["variant"]

@@ -13,6 +13,7 @@ and measure both with ONNX Runtime against the PyTorch fp32 reference on held-ou
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from ..errors import ArtifactError, CalibrationError, UserInputError
 from ..artifact import ArtifactRecord, Manifest, StageRecord
 from .common import peak_rss_mb, progress, run_worker, worker_main
+from .export_graph import AttentionForm
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,7 @@ class _Inputs:
     ev: Any = None
     figures: dict[str, Any] = field(default_factory=dict)
     rotations: dict[str, Any] = field(default_factory=dict)  # linear -> Rotation (the torch model is rotated)
+    attention: Any = None  # the export's AttentionPlan (which fused attention op the CPU form takes)
 
 
 def _load_inputs(job: dict[str, Any]) -> _Inputs:
@@ -225,6 +228,7 @@ def _load_model(inp: _Inputs, job: dict[str, Any]) -> None:
     from ..models import load_backbone
     from ..quant import observe as obs, qdq, sensitivity as sens
     from ..spec import ModelSpec
+    from .export import plan_attention_from_dir
 
     fp32_bytes = _onnx_weight_bytes(inp.src)
     if fp32_bytes < SMALL_MODEL_BYTES:
@@ -234,6 +238,7 @@ def _load_model(inp: _Inputs, job: dict[str, Any]) -> None:
     ref_dtype = inp.cfg.torch_dtype_for(fp32_bytes)
     progress(f"loading the torch reference ({ref_dtype})")
     inp.model = load_backbone(Path(job["model_dir"]), dtype=ref_dtype)
+    inp.attention = plan_attention_from_dir(Path(job["model_dir"]))
     linears = obs.linear_modules(inp.model)
     proto = onnx.load(str(inp.src), load_external_data=False)
     inp.mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in linears.items()})
@@ -423,6 +428,23 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     return out
 
 
+def fuse_cpu_attention(path: Path, plan: Any) -> str:
+    """Rewrite the CPU form's ``Attention`` nodes in place to the contrib op ONNX Runtime's CPU provider runs
+    fastest (causal graphs: ``GroupQueryAttention``, as the fp32 export's ``model.cpu.onnx``); returns the op used."""
+    import onnx
+
+    from .ort_attention import rewrite_to_gqa
+
+    if plan.form is not AttentionForm.CAUSAL:
+        return "Attention"
+    model = onnx.load(str(path), load_external_data=False)
+    rewrite_to_gqa(model, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, path)
+    return "com.microsoft.GroupQueryAttention"
+
+
 def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     """The fastest of :func:`cpu_candidates` that meets the fidelity targets on held-out texts (fidelity first: the
     candidates are tried fastest first, and the first that meets the targets is kept). Weights are streamed from the
@@ -451,13 +473,14 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
         out.mkdir(parents=True)
         qdq.build_quantized(src, out / "model.onnx", mapping, qdq.QuantPlan(cand.modes, {}, rotations=rots),
                             weight_of=weight_of, bias_of=lambda n: None)
+        attention = fuse_cpu_attention(out / "model.onnx", inp.attention)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, inp.ev, inp.hold_b, inp.pair_b, inp.gold, targets)
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
                       "rotated": len(cand.rotated), **fid})
         if fid["met"]:
             break
     assert cand is not None
-    return {"fidelity": tries[-1], "tries": tries, "chosen": tries[-1]["candidate"],
+    return {"fidelity": tries[-1], "tries": tries, "chosen": tries[-1]["candidate"], "attention": attention,
             "float_nodes": sorted(n for n, m in cand.modes.items() if m == "float"),
             "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated),
             "form": {"row8": {"op": "com.microsoft.MatMulIntegerToFloat", "activation": "per-token symmetric, dynamic",

@@ -87,6 +87,21 @@ def test_int8_runs_through_the_embedder(tiny_int8):
     assert (a * b).sum(1).min() > 0.99 and (a * d).sum(1).min() > 0.99
 
 
+def test_cpu_form_keeps_fused_attention_past_the_window(tiny_int8):
+    """The int8-cpu graph runs attention as GroupQueryAttention (as the fp32 CPU form), recorded in the manifest,
+    and stays close to fp32 on a text longer than tiny-mistral's 32-token sliding window."""
+    from sfr_export.runtime import Embedder
+
+    ops = [n.op_type for n in onnx.load(str(tiny_int8 / "onnx" / "int8-cpu" / "model.onnx")).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops and "Softmax" not in ops
+    assert Manifest.load(tiny_int8).stage("calibrate:int8-cpu").figures["attention"] == "com.microsoft.GroupQueryAttention"
+    long_text = " ".join(f"word{i} follows" for i in range(60))  # well past 32 tokens
+    with Embedder.from_artifact(tiny_int8, backend="onnxruntime", variant="fp32") as ref, \
+         Embedder.from_artifact(tiny_int8, backend="onnxruntime", variant="int8-cpu") as c:
+        texts = [long_text, "short one"]
+        assert (ref.encode(texts) * c.encode(texts)).sum(1).min() > 0.99
+
+
 def test_cpu_form_is_not_qdq_compatible_input(tiny_int8):
     m = onnx.load(str(tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"))
     assert any(n.op_type in ("MatMulNBits", "MatMulIntegerToFloat") for n in m.graph.node)
