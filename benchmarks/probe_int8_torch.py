@@ -1,0 +1,199 @@
+"""Fake-quantization probe on the real SmolLM2 decoder (demo:smollm2): what each int8 lever does to the embedding,
+on all 1,379 STSBenchmark test pairs, beside torch bf16 / fp16 (the same model, no quantization).
+
+Every row embeds the same texts the way the artifact does (the spec's STS prompt, EOS, last-token pooling, L2 norm,
+batches by length) and compares with the torch fp32 reference:
+
+- ``bf16`` / ``fp16``: the whole model cast, nothing quantized (how far plain half precision moves the metric);
+- ``w8`` / ``a8`` / ``w8a8``: per-output-channel int8 weights and/or per-token symmetric int8 activations
+  (``row8``'s arithmetic) on every linear, optionally after the calibrate stage's online rotation (every linear
+  input except ``o_proj``'s) with a given seed, optionally with position 0 (the attention-sink token, whose
+  activations reach |x| ~ 3,250) left float.
+
+For each row it also reports the **structured noise floor** of ΔSpearman: the candidate's own error vectors
+(candidate − reference, per text) re-assigned to texts by a random permutation, std of ΔSpearman over the
+permutations. It keeps the error's size and direction distribution (which the isotropic floor of
+``sensitivity.spearman_noise`` does not: the errors of a real decoder share a few directions) and drops only its
+alignment with the pairs. Compare it with the spread of ΔSpearman across rotation seeds (``--seeds``), which are
+equally good quantizers.
+
+    OMP_NUM_THREADS=2 python benchmarks/probe_int8_torch.py --rows fp16,bf16,w8,a8,w8a8,w8a8+rot,w8a8+rot+pos0 \
+        --seeds 0,1,2 --out /tmp/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int8 import cos_rows, sts_score, stsb_test  # noqa: E402
+
+QMAX = 127.0
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One probe row, parsed from ``w8a8+rot+pos0`` style names."""
+
+    name: str
+    dtype: str = "float32"  # bf16 / fp16 rows: the whole model cast
+    weights: bool = False
+    acts: bool = False
+    rotate: bool = False
+    pos0_float: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> "Lever":
+        base, *opts = name.split("+")
+        if base in ("bf16", "fp16"):
+            return cls(name, dtype={"bf16": "bfloat16", "fp16": "float16"}[base])
+        if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "pos0"}:
+            raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot and/or +pos0")
+        return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate="rot" in opts, pos0_float="pos0" in opts)
+
+
+def _fake_act(x: Any, pos0_float: bool) -> Any:
+    import torch
+
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / QMAX
+    xq = torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
+    if pos0_float and x.dim() == 3:
+        xq = torch.cat([x[:, :1], xq[:, 1:]], dim=1)
+    return xq
+
+
+@contextlib.contextmanager
+def fake_quant(model: Any, lever: Lever) -> Iterator[None]:
+    """Per-channel int8 weights (swapped in for the forward) and per-token int8 activations on every linear."""
+    from sfr_export.quant.observe import linear_modules
+    from sfr_export.quant.sensitivity import fake_weight
+
+    handles = []
+    for m in linear_modules(model).values():
+        if lever.weights:
+            orig = m.weight.data
+            m.weight.data = fake_weight(orig.float()).to(orig.dtype)
+            handles.append((m, orig))
+        if lever.acts:
+            handles.append(m.register_forward_pre_hook(lambda _m, a: (_fake_act(a[0], lever.pos0_float), *a[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            if isinstance(h, tuple):
+                h[0].weight.data = h[1]
+            else:
+                h.remove()
+
+
+def structured_floor(ref: np.ndarray, cand: np.ndarray, gold: np.ndarray, draws: int = 20) -> float:
+    """Std of ΔSpearman when the candidate's per-text error vectors are permuted across texts (seeded)."""
+    rng = np.random.default_rng(0)
+    err = cand - ref
+    base = sts_score(ref, gold)
+    out = []
+    for _ in range(draws):
+        e = ref + err[rng.permutation(len(err))]
+        out.append(sts_score(e / np.linalg.norm(e, axis=1, keepdims=True), gold) - base)
+    return float(np.std(out))
+
+
+def isotropic_floor(ref: np.ndarray, gold: np.ndarray, cos_mean: float) -> float:
+    from sfr_export.quant.sensitivity import spearman_noise
+
+    return spearman_noise(ref, gold, cos_mean, draws=20)
+
+
+def _load(threads: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    from sfr_export.models import load_backbone, load_tokenizer, resolve_model
+    from sfr_export.tokenization import TextTokenizer
+
+    torch.set_num_threads(threads)
+    rm = resolve_model("demo:smollm2")
+    model_dir = Path(rm.local_dir)
+    return load_backbone(model_dir, dtype="float32"), TextTokenizer(load_tokenizer(model_dir), rm.spec), rm.spec
+
+
+def expected_delta(ref: np.ndarray, cand: np.ndarray, sp_ref: float) -> tuple[float, float]:
+    """(rank correlation of the candidate's pair scores with the reference's, expected ΔSpearman). Error that is
+    independent of the gold scores attenuates a correlation by the factor corr(ref scores, cand scores), so the
+    expected loss is ``sp_ref * (rho - 1)``; it needs no gold label, so any pairs estimate it."""
+    from sfr_export.quant.sensitivity import spearman
+
+    n = len(ref) // 2
+    rho = spearman((ref[:n] * ref[n:]).sum(1), (cand[:n] * cand[n:]).sum(1))
+    return rho, sp_ref * (rho - 1.0)
+
+
+def _row(name: str, ref: np.ndarray, cand: np.ndarray, gold: np.ndarray, sec: float) -> dict[str, Any]:
+    c = cos_rows(ref, cand)
+    sp_ref = sts_score(ref, gold)
+    rho, expected = expected_delta(ref, cand, sp_ref)
+    return {"row": name, "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)), "cos_min": float(c.min()),
+            "d_spearman": sts_score(cand, gold) - sp_ref, "rho_scores": rho, "d_spearman_expected": expected,
+            "floor_structured": structured_floor(ref, cand, gold), "floor_isotropic": isotropic_floor(ref, gold, float(c.mean())),
+            "seconds": round(sec, 1)}
+
+
+def main() -> None:
+    import torch
+
+    from sfr_export.quant.rotation import rotate_model
+    from sfr_export.quant.observe import linear_modules
+    from sfr_export.stages.calibrate import CPU_ROTATION_SKIP, make_batches, torch_embedder
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="fp16,bf16,w8,a8,w8a8,w8a8+rot,w8a8+rot+pos0")
+    ap.add_argument("--seeds", default="0", help="rotation seeds for the +rot rows")
+    ap.add_argument("--pairs", type=int, default=1379)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/sfr-probe-int8.json")
+    args = ap.parse_args()
+    levers = [Lever.parse(r) for r in args.rows.split(",")]
+    model, tt, spec = _load(args.threads)
+    s1, s2, gold = stsb_test()
+    s1, s2, gold = s1[: args.pairs], s2[: args.pairs], gold[: args.pairs]
+    batches = make_batches(tt, spec.apply_prompt(s1 + s2, "STSBenchmark"), 32)
+    t = time.time()
+    ref = torch_embedder(model, spec)(batches)
+    ref_sec = time.time() - t
+    res: dict[str, Any] = {"pairs": len(gold), "spearman_ref": sts_score(ref, gold), "ref_seconds": ref_sec, "rows": []}
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
+    np.save(Path(args.out).with_suffix(".ref.npy"), ref)
+    for lever in levers:
+        for seed in ([int(s) for s in args.seeds.split(",")] if lever.rotate else [None]):
+            m = model if lever.dtype == "float32" and not lever.rotate else _copy(model, lever.dtype)
+            if lever.rotate:
+                rotate_model(m, [n for n in linear_modules(m) if not n.endswith(CPU_ROTATION_SKIP)], seed=seed)
+            t = time.time()
+            with fake_quant(m, lever), torch.inference_mode():
+                cand = torch_embedder(m, spec)(batches)
+            row = _row(lever.name + ("" if seed is None else f" seed {seed}"), ref, cand, gold, time.time() - t)
+            res["rows"].append(row)
+            np.save(Path(args.out).with_suffix(f".{len(res['rows'])}.npy"), cand.astype(np.float16))
+            print(json.dumps(row), flush=True)
+            del m
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+def _copy(model: Any, dtype: str) -> Any:
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(getattr(torch, dtype))
+
+
+if __name__ == "__main__":
+    main()
