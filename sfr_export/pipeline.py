@@ -76,7 +76,7 @@ def stage_summary(rec: StageRecord) -> dict[str, Any]:
     if "validation" in fig:  # export: ONNX vs PyTorch right after export
         out["min_cosine_vs_torch"] = fig["validation"].get("min_cosine")
     if "fidelity" in fig:  # calibrate: ORT int8 vs torch fp32 at build time
-        out["fidelity"] = {k: fig["fidelity"].get(k) for k in ("cos_mean", "cos_p1", "spearman_delta", "met")}
+        out["fidelity"] = {k: fig["fidelity"].get(k) for k in ("cos_mean", "cos_p1", "spearman_delta", "spearman_expected", "met")}
     if "gate" in fig:  # verify
         out["gate"] = fig["gate"]
     return out

@@ -572,7 +572,8 @@ def _record_variant(manifest: Manifest, name: str, config: dict[str, Any], tmp: 
     if not fid["met"]:
         status = "failed-targets"
         reason = (f"ORT {variant} vs torch fp32: cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, "
-                  f"dSpearman {fid.get('spearman_delta')} (noise floor {fid.get('spearman_noise')}) misses the targets")
+                  f"dSpearman {fid.get('spearman_delta')} (noise floor {fid.get('spearman_noise')}; expected "
+                  f"{fid.get('spearman_expected')} +- {fid.get('spearman_expected_noise')}) misses the targets")
     rec = StageRecord(stage="calibrate", name=name, config={**config, "ort_session_config": dict(session)},
                       artifacts=arts, figures=figures, status=status, reason=reason, variant=variant)
     manifest.record(rec)
