@@ -3,12 +3,15 @@
 Backends (same random ids everywhere, right padded):
 - ``torch``: transformers with ``attn_implementation="sdpa"`` and the padding mask (the reference);
 - ``ort-attention``: the export's standard form (one ONNX ``Attention`` node per layer, opset 23), ONNX Runtime CPU;
-- ``ort-gqa``: its CPU form (``com.microsoft.GroupQueryAttention``, ``model.cpu.onnx``);
+- ``ort-cpu`` (also ``ort-gqa`` / ``ort-mha``): its CPU form ``model.cpu.onnx`` (``com.microsoft.GroupQueryAttention``
+  for a causal model, ``com.microsoft.MultiHeadAttention`` with a 2-D key-padding mask for an encoder);
 - ``ort-legacy``: an ONNX file given with ``--legacy-onnx`` (e.g. the opset-18 export of the main branch, whose
   attention is MatMul/Softmax over L x L scores).
 
     flock /tmp/sfr-heavy.lock python benchmarks/bench_long_inputs.py --model demo:smollm2 \\
         --lengths 512,1024,2048,4096 --batches 1,4 --threads 2 [--legacy-onnx /tmp/legacy/onnx/fp32/model.onnx]
+    flock /tmp/sfr-heavy.lock python benchmarks/bench_long_inputs.py --model demo:minilm --lengths 128,512 --batches 4 \
+        --backends torch,ort-attention,ort-mha
 
 Each cell loads its backend, resets the peak RSS (``/proc/self/clear_refs``), runs one warm-up and ``--repeats``
 timed calls; "extra MB" is VmHWM minus VmRSS at the reset, i.e. the forward pass's own peak. Rows of a B=4 batch
@@ -65,7 +68,8 @@ def _runner(backend: str, model_dir: str, onnx_dir: str, legacy: str | None, thr
     else:
         from sfr_export.runtime.ort_runner import OrtRunner
 
-        path = {"ort-attention": Path(onnx_dir) / "model.onnx", "ort-gqa": Path(onnx_dir) / "model.cpu.onnx",
+        cpu = Path(onnx_dir) / "model.cpu.onnx"
+        path = {"ort-attention": Path(onnx_dir) / "model.onnx", "ort-cpu": cpu, "ort-gqa": cpu, "ort-mha": cpu,
                 "ort-legacy": Path(legacy or "")}[backend]
         r = OrtRunner(path, intra_op_threads=threads)
     r.activate()
@@ -102,6 +106,14 @@ def _cell(a: argparse.Namespace, backend: str, length: int, batch: int, emb: Pat
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _vocab_size(model: str) -> int:
+    from transformers import AutoConfig
+
+    from sfr_export.models import resolve_model
+
+    return int(AutoConfig.from_pretrained(str(resolve_model(model, compute_fingerprint=False).local_dir)).vocab_size)
+
+
 def export_forms(model: str, out: Path) -> Path:
     """The export's fp32 standard form and CPU form (validation off: the cells compare with torch themselves)."""
     from sfr_export.models import resolve_model
@@ -119,7 +131,7 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,ort-attention,ort-gqa")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--vocab", type=int, default=None, help="ids are drawn below this (default: the model's vocab)")
     ap.add_argument("--legacy-onnx", default=None)
     ap.add_argument("--onnx-dir", default=None, help="an export's onnx/fp32 dir (default: export into a temp dir)")
     ap.add_argument("--json", type=Path, default=None)
@@ -130,6 +142,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.cell:
         return run_cell(a)
+    a.vocab = a.vocab or _vocab_size(a.model)
     backends = a.backends.split(",") + (["ort-legacy"] if a.legacy_onnx and "ort-legacy" not in a.backends else [])
     tmp = Path(tempfile.mkdtemp(prefix="bench-long-"))
     a.onnx_dir = a.onnx_dir or str(export_forms(a.model, tmp / "artifact"))

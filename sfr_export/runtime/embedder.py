@@ -301,7 +301,8 @@ def _ort_runner(art: Artifact, variant: Variant | None, opts: _RunnerOptions, wh
     if opts.verify:
         art.manifest.verify_stage(rec.name)
     session_config = {**dict(rec.config.get("ort_session_config", {}) or {}), **dict(opts.session_config or {})}
-    # The CPU provider runs the export's GroupQueryAttention form when the stage wrote one (see export_graph).
+    # The CPU provider runs the export's CPU form (com.microsoft GroupQueryAttention / MultiHeadAttention) when the
+    # stage wrote one (see stages/ort_attention).
     form = "onnx-cpu" if not cuda and rec.files("onnx-cpu") else "onnx"
     runner = OrtRunner(art.manifest.artifact_path(rec.name, form), providers=providers,
                        session_config=session_config, allow_fallback=opts.allow_fallback,

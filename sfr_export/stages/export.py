@@ -2,10 +2,11 @@
 
 The graph (built in :mod:`sfr_export.stages.export_graph`, shared with the low-memory path) takes ``input_ids`` and
 ``attention_mask`` (int64, dynamic ``batch`` and ``sequence``) and returns ``sentence_embedding`` (float32
-[batch, dim]); attention is one fused ONNX ``Attention`` node per layer (opset >= 23). Causal models also get
-``model.cpu.onnx``, the ``GroupQueryAttention`` form ONNX Runtime's CPU provider runs in memory linear in L
-(:mod:`sfr_export.stages.ort_attention`). Export runs in a subprocess so its memory comes back; validation runs in the
-same worker, reusing the loaded model, and batches long inputs by a token budget.
+[batch, dim]); attention is one fused ONNX ``Attention`` node per layer (opset >= 23). The export also writes
+``model.cpu.onnx``, the form ONNX Runtime's CPU provider runs (:mod:`sfr_export.stages.ort_attention`:
+``GroupQueryAttention`` for causal models, ``MultiHeadAttention`` on its flash path for bidirectional encoders).
+Export runs in a subprocess so its memory comes back; validation runs in the same worker, reusing the loaded model,
+and batches long inputs by a token budget.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ExportConfig:
     precision: Precision = Precision.FP32
     opset: int = 23  # the first opset with a fused Attention op; lower ones decompose it over L x L scores
     validate: bool = True
-    cpu_form: bool = True  # causal graphs: also write model.cpu.onnx (GroupQueryAttention, ONNX Runtime CPU)
+    cpu_form: bool = True  # also write model.cpu.onnx (GroupQueryAttention / MultiHeadAttention, ONNX Runtime CPU)
     low_memory: str = "auto"  # auto | on | off: build the graph on the meta device and stream weights in
     min_cosine: float | None = None  # default per precision: fp32 0.99999, fp16 0.9995
 
@@ -105,7 +106,7 @@ def validate_onnx(onnx_path: Path, torch_runner: Any, tokenizer: Any, spec: Mode
 
     A causal graph (right padding only) gets the left-padded batch too: ONNX Runtime re-pads it (the runner reads
     the graph's padding side), so this checks that a left-padded batch is never silently wrong. ``cpu_form`` (the
-    GroupQueryAttention file) is held to the same threshold.
+    ONNX Runtime CPU form, ``model.cpu.onnx``) is held to the same threshold.
     """
     from .export_graph import META_PADDING, graph_metadata
     from ..runtime.ort_runner import OrtRunner
@@ -189,8 +190,8 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
         backbone, plan, info = _export_in_memory(model_dir, spec, cfg, onnx_path)
     OnnxIOSpec().check(onnx_path)
     cpu_path = None
-    if cfg.cpu_form and plan.form.value == "causal":
-        progress("writing the ONNX Runtime CPU form (GroupQueryAttention)")
+    if cfg.cpu_form and (plan.form.value == "causal" or plan.kv_heads == plan.num_heads):
+        progress("writing the ONNX Runtime CPU form (com.microsoft attention)")
         cpu_path, _n = write_cpu_form(onnx_path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
     export_seconds = time.time() - t0
     result: dict[str, Any] = {"export_seconds": export_seconds, "low_memory": low_memory, "attention": plan.to_dict(),
@@ -248,7 +249,7 @@ def _artifact_kind(p: Path) -> str:
     from .ort_attention import CPU_FORM_NAME
 
     if p.name == CPU_FORM_NAME:
-        return "onnx-cpu"  # the GroupQueryAttention form the CPU provider runs (runtime.embedder picks it)
+        return "onnx-cpu"  # the com.microsoft attention form the CPU provider runs (runtime.embedder picks it)
     return "onnx" if p.suffix == ".onnx" else "onnx-data"
 
 

@@ -13,7 +13,8 @@ ONNX ``Attention`` node (GQA-aware: K/V keep their own head count). How the mask
   graph, not per batch or head) carries the window instead.
 - **key-padding** (bidirectional encoders): the ``[B, L]`` padding mask as one boolean ``[B, 1, L, L]`` tensor,
   built once per graph and shared by every layer (ONNX Runtime's CPU ``Attention`` does not broadcast a mask over
-  the query axis). Either padding side is exact.
+  the query axis). Either padding side is exact. The ONNX Runtime CPU form (:mod:`sfr_export.stages.ort_attention`)
+  drops that tensor for an O(L) key bias.
 
 The graph records its form in the ONNX metadata (:data:`META_ATTENTION`, :data:`META_PADDING`, :data:`META_WINDOW`),
 so any runner can enforce the padding side it assumes.
@@ -41,7 +42,7 @@ OUTPUT_NAME = "sentence_embedding"
 
 class AttentionForm(str, Enum):
     CAUSAL = "causal"  # no padding mask; right padding required
-    KEY_PADDING = "key-padding"  # [B, 1, 1, L] mask; either padding side
+    KEY_PADDING = "key-padding"  # [B, L] key-padding mask (expanded to [B, 1, L, L]); either padding side
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,23 @@
-"""The ONNX Runtime CPU form of a causal graph: each ONNX ``Attention`` node becomes ``com.microsoft.GroupQueryAttention``.
+"""The ONNX Runtime CPU form of an exported graph: each ONNX ``Attention`` node becomes a contrib attention op.
 
 ONNX Runtime's CPU kernel for the standard ``Attention`` op (opset 23/24) materialises a ``B x H x L x L`` score
-buffer; its contrib ``GroupQueryAttention`` runs the prompt pass tile by tile, skips the padding of right-padded rows
-(``seqlens_k``) and keeps a sliding window (``local_window_size``), so its memory grows linearly with L. The rewrite
-is exact for the graphs :mod:`sfr_export.stages.export_graph` writes in the causal form (right padding, no padding mask):
+buffer, and it refuses a key-padding mask that broadcasts over the query axis, so the portable encoder graph carries
+its mask expanded to ``[B, 1, L, L]``. The CPU form rewrites every node, by the form the graph records:
 
-- ``Q/K/V [B, H, L, D]`` -> ``Transpose(0, 2, 1, 3)`` -> ``Reshape [B, L, H*D]`` (the layout GQA reads);
-- ``seqlens_k = sum(attention_mask, 1) - 1`` (int32) and ``total_sequence_length = L``, computed once per graph;
-- the output ``[B, L, Hq*D]`` goes back to ``[B, Hq, L, D]`` for the rest of the graph;
-- a band mask input (sliding window) is dropped for ``local_window_size = window`` (checked against PyTorch past
-  the window by the tests).
+- **causal** graphs -> ``com.microsoft.GroupQueryAttention``: ``seqlens_k = sum(attention_mask, 1) - 1`` (int32) and
+  ``total_sequence_length = L``, computed once per graph; exact for the right-padded, mask-free causal graphs of
+  :mod:`sfr_export.stages.export_graph`. A band mask input (sliding window) is dropped for
+  ``local_window_size = window`` (checked against PyTorch past the window by the tests).
+- **key-padding** graphs (bidirectional encoders) -> ``com.microsoft.MultiHeadAttention`` with no mask input:
+  Q gains a column of ones and K a column holding the key bias (0 for a real key, ``-1e4`` for padding, from the
+  ``[B, L]`` ``attention_mask``, built once per graph as ``[B, H, L, 1]``), so ``q.k`` itself carries the mask.
+  ONNX Runtime 1.32's CPU kernel takes its flash path only without ``key_padding_mask``/``attention_bias`` (with a
+  2-D ``key_padding_mask`` it expands it to a float ``[B, L, L]`` and scores ``B x H x L x L`` per layer); the
+  ``[B, 1, L, L]`` expansion the portable form needs is dead after the rewrite and pruned, so no tensor of the
+  graph has two L axes. Exact: for a real key the extra term is ``1 x 0``.
+
+Either way ``Q/K/V [B, H, L, D]`` go through ``Transpose(0, 2, 1, 3)`` -> ``Reshape [B, L, H*D]`` (the layout both
+contrib ops read) and the output ``[B, L, H*D]`` goes back to ``[B, H, L, D]`` for the rest of the graph.
 
 The standard form stays the portable artifact (TensorRT, CUDA); this one is written next to it as ``model.cpu.onnx``,
 sharing its external-data file.
@@ -18,6 +26,7 @@ sharing its external-data file.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,11 @@ from .export_graph import META_ATTENTION, META_WINDOW, AttentionForm
 CPU_FORM_NAME = "model.cpu.onnx"
 _SEQLENS = "sfr_gqa_seqlens_k"
 _TOTAL = "sfr_gqa_total_len"
+_KEY_BIAS = "sfr_mha_key_bias"
+_ONE = "sfr_mha_one"
+_PAD_LAST = "sfr_mha_pad_last"  # Pad pads: one column after the head dim
+MASKED_KEY_BIAS = -1.0e4  # added to q.k (before the scale) for a padding key; fits fp16, exp() of it is 0
+_FLAT = "sfr_attn_bs_flat"  # Reshape target [0, 0, -1]: [B, L, H, D] -> [B, L, H*D]
 
 
 def _const(name: str, values: list[int]) -> Any:
@@ -36,7 +50,7 @@ def _const(name: str, values: list[int]) -> Any:
                             value=helper.make_tensor(name + "_v", TensorProto.INT64, [len(values)], values))
 
 
-def _shared_inputs(mask: str, ids: str) -> list[Any]:
+def _gqa_inputs(mask: str, ids: str) -> list[Any]:
     """seqlens_k [B] int32 and total_sequence_length (scalar int32) from the graph inputs."""
     from onnx import TensorProto, helper
 
@@ -49,8 +63,47 @@ def _shared_inputs(mask: str, ids: str) -> list[Any]:
         helper.make_node("Shape", [ids], ["sfr_gqa_L1"], start=1, end=2, name="sfr_gqa_L1"),
         helper.make_node("Squeeze", ["sfr_gqa_L1"], ["sfr_gqa_L"], name="sfr_gqa_L"),
         helper.make_node("Cast", ["sfr_gqa_L"], [_TOTAL], to=TensorProto.INT32, name=_TOTAL),
-        _const("sfr_gqa_bs_flat", [0, 0, -1]),
+        _const(_FLAT, [0, 0, -1]),
     ]
+
+
+def _mha_inputs(mask: str, heads: int, elem_type: int) -> list[Any]:
+    """The key bias ``[B, H, L, 1]`` (0 for a real key, :data:`MASKED_KEY_BIAS` for padding), once per graph.
+
+    Built in the attention's own float type (``elem_type``), so no layer needs a cast next to its Q/K: a second
+    consumer of Q/K would keep ONNX Runtime from cancelling the Transposes around them (measured: +70 MB, slower).
+    """
+    from onnx import helper
+
+    def scalar(name: str, value: float) -> Any:
+        return helper.make_node("Constant", [], [name], name=name,
+                                value=helper.make_tensor(name + "_v", elem_type, [], [value]))
+
+    return [
+        scalar(_ONE, 1.0),
+        scalar("sfr_mha_big", -MASKED_KEY_BIAS),
+        helper.make_node("Cast", [mask], ["sfr_mha_maskf"], to=elem_type, name="sfr_mha_maskf"),
+        helper.make_node("Sub", ["sfr_mha_maskf", _ONE], ["sfr_mha_m1"], name="sfr_mha_m1"),  # 0 real, -1 pad
+        helper.make_node("Mul", ["sfr_mha_m1", "sfr_mha_big"], ["sfr_mha_bias2"], name="sfr_mha_bias2"),
+        _const("sfr_mha_axes", [1, 3]),
+        helper.make_node("Unsqueeze", ["sfr_mha_bias2", "sfr_mha_axes"], ["sfr_mha_bias4"], name="sfr_mha_bias4"),
+        _const("sfr_mha_heads", [1, heads, 1, 1]),
+        helper.make_node("Expand", ["sfr_mha_bias4", "sfr_mha_heads"], [_KEY_BIAS], name=_KEY_BIAS),
+        _const(_PAD_LAST, [0, 0, 0, 0, 0, 0, 0, 1]),
+        _const(_FLAT, [0, 0, -1]),
+    ]
+
+
+def _elem_type(model: Any, name: str) -> int:
+    """The ONNX element type of tensor ``name`` (from the graph's value_info, else from shape inference)."""
+    import onnx
+
+    for m in (model, None):
+        g = m.graph if m is not None else onnx.shape_inference.infer_shapes(model).graph
+        for v in (*g.value_info, *g.input, *g.output):
+            if v.name == name and v.type.tensor_type.elem_type:
+                return int(v.type.tensor_type.elem_type)
+    raise ExportValidationError(f"cannot tell the float type of {name}, the first attention's query")
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -62,55 +115,128 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _replace(node: Any, i: int, *, heads: int, kv_heads: int, head_dim: int, window: int | None) -> list[Any]:
-    """The nodes that replace Attention node number ``i``."""
-    from onnx import helper
-
-    q, k, v = node.input[:3]
-    mask = node.input[3] if len(node.input) > 3 else ""
+def _check_plain(node: Any) -> None:
     if any(node.input[4:]) or any(node.output[1:]):
         raise ExportValidationError(f"Attention node {node.name} has a KV cache or extra outputs; cannot rewrite it")
+
+
+def _to_bsd(qkv: list[str], p: str) -> tuple[list[Any], list[str]]:
+    """Q/K/V [B, H, L, D] -> [B, L, H*D]: the nodes and the three new names."""
+    from onnx import helper
+
+    out: list[Any] = []
+    flat = []
+    for name, tag in zip(qkv, "qkv"):
+        out.append(helper.make_node("Transpose", [name], [f"{p}_{tag}t"], perm=[0, 2, 1, 3], name=f"{p}_{tag}t"))
+        out.append(helper.make_node("Reshape", [f"{p}_{tag}t", _FLAT], [f"{p}_{tag}3"], name=f"{p}_{tag}3"))
+        flat.append(f"{p}_{tag}3")
+    return out, flat
+
+
+def _from_bsd(out3: str, node: Any, p: str, heads: int, head_dim: int) -> list[Any]:
+    """The contrib op's [B, L, H*D] output back to the [B, H, L, D] the rest of the graph reads."""
+    from onnx import helper
+
+    return [_const(f"{p}_shape4", [0, 0, heads, head_dim]),
+            helper.make_node("Reshape", [out3, f"{p}_shape4"], [f"{p}_o4"], name=f"{p}_o4"),
+            helper.make_node("Transpose", [f"{p}_o4"], [node.output[0]], perm=[0, 2, 1, 3], name=f"{p}_out")]
+
+
+def _scale(node: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+    scale = _attr(node, "scale", None)
+    return {**attrs, "scale": float(scale)} if scale is not None else attrs
+
+
+def _replace_gqa(node: Any, i: int, *, heads: int, kv_heads: int, head_dim: int, window: int | None) -> list[Any]:
+    """The nodes that replace causal Attention node number ``i``."""
+    from onnx import helper
+
+    _check_plain(node)
+    mask = node.input[3] if len(node.input) > 3 else ""
     if mask and window is None:
         raise ExportValidationError(f"Attention node {node.name} takes a mask but the graph records no sliding "
                                     "window: it is not a causal-only graph")
     if not mask and not _attr(node, "is_causal", 0):
         raise ExportValidationError(f"Attention node {node.name} is neither causal nor windowed")
     p = f"sfr_gqa{i}"
-    out: list[Any] = []
-    flat = []
-    for name, tag in ((q, "q"), (k, "k"), (v, "v")):
-        out.append(helper.make_node("Transpose", [name], [f"{p}_{tag}t"], perm=[0, 2, 1, 3], name=f"{p}_{tag}t"))
-        out.append(helper.make_node("Reshape", [f"{p}_{tag}t", "sfr_gqa_bs_flat"], [f"{p}_{tag}3"], name=f"{p}_{tag}3"))
-        flat.append(f"{p}_{tag}3")
-    attrs: dict[str, Any] = {"num_heads": heads, "kv_num_heads": kv_heads,
-                             "local_window_size": window if window else -1}
-    scale = _attr(node, "scale", None)
-    if scale is not None:
-        attrs["scale"] = float(scale)
+    out, flat = _to_bsd(list(node.input[:3]), p)
+    attrs = _scale(node, {"num_heads": heads, "kv_num_heads": kv_heads, "local_window_size": window or -1})
     out.append(helper.make_node("GroupQueryAttention", [*flat, "", "", _SEQLENS, _TOTAL], [f"{p}_o3"],
                                 domain="com.microsoft", name=f"{p}_gqa", **attrs))
-    out.append(_const(f"{p}_shape4", [0, 0, heads, head_dim]))
-    out.append(helper.make_node("Reshape", [f"{p}_o3", f"{p}_shape4"], [f"{p}_o4"], name=f"{p}_o4"))
-    out.append(helper.make_node("Transpose", [f"{p}_o4"], [node.output[0]], perm=[0, 2, 1, 3], name=f"{p}_out"))
-    return out
+    return out + _from_bsd(f"{p}_o3", node, p, heads, head_dim)
 
 
-def rewrite_to_gqa(model: Any, *, heads: int, kv_heads: int, head_dim: int) -> int:
-    """Rewrite every ``Attention`` node of a causal-form ONNX ModelProto in place; returns how many."""
+def _replace_mha(node: Any, i: int, *, heads: int, head_dim: int) -> list[Any]:
+    """The nodes that replace key-padding Attention node number ``i`` (bidirectional).
+
+    Q gains a last column of ones and K one of :data:`_KEY_BIAS`, so ``q'.k' = q.k + bias``: the padding keys are
+    masked inside the dot product and ``MultiHeadAttention`` runs without a ``key_padding_mask``, which is what
+    lets ONNX Runtime's CPU kernel take its flash path (tiles, no ``L x L`` scratch). V keeps its head size.
+    """
+    import math
+
+    from onnx import helper
+
+    _check_plain(node)
+    if _attr(node, "is_causal", 0) or len(node.input) < 4 or not node.input[3]:
+        raise ExportValidationError(f"Attention node {node.name} is causal or has no key-padding mask")
+    q, k, v = node.input[:3]
+    p = f"sfr_mha{i}"
+    out = [helper.make_node("Pad", [q, _PAD_LAST, _ONE], [f"{p}_qa"], mode="constant", name=f"{p}_qa"),
+           helper.make_node("Concat", [k, _KEY_BIAS], [f"{p}_ka"], axis=3, name=f"{p}_ka")]
+    more, flat = _to_bsd([f"{p}_qa", f"{p}_ka", v], p)
+    scale = float(_attr(node, "scale", None) or 1.0 / math.sqrt(head_dim))  # MHA's default would use D + 1
+    out += more + [helper.make_node("MultiHeadAttention", flat, [f"{p}_o3"], domain="com.microsoft",
+                                    name=f"{p}_mha", num_heads=heads, scale=scale)]
+    return out + _from_bsd(f"{p}_o3", node, p, heads, head_dim)
+
+
+def _prune(graph: Any) -> int:
+    """Drop the nodes, value_info and initializers no graph output depends on; returns how many nodes went."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    dropped = len(graph.node) - len(keep)
+    produced = {o for n in keep for o in n.output}
+    infos = [v for v in graph.value_info if v.name in produced]
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return dropped
+
+
+def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -> int:
+    """Rewrite every ``Attention`` node of an exported ONNX ModelProto in place (GQA or MHA by its recorded form).
+
+    Returns how many nodes were rewritten; nodes left dead by the rewrite (the encoder's mask expansion) are pruned.
+    """
     from onnx import helper
 
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get(META_ATTENTION) != AttentionForm.CAUSAL.value:
-        raise ExportValidationError(f"only causal graphs have a GroupQueryAttention form (this one: "
-                                    f"{meta.get(META_ATTENTION, 'unrecorded')})")
-    window = int(meta.get(META_WINDOW, "0")) or None
+    form = meta.get(META_ATTENTION, "unrecorded")
     g = model.graph
     inputs = [i.name for i in g.input]
-    nodes: list[Any] = _shared_inputs(inputs[1], inputs[0])
+    if form == AttentionForm.CAUSAL.value:
+        window = int(meta.get(META_WINDOW, "0")) or None
+        nodes: list[Any] = _gqa_inputs(inputs[1], inputs[0])
+        replace = partial(_replace_gqa, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window)
+    elif form == AttentionForm.KEY_PADDING.value and kv_heads == heads:
+        first = next((n for n in g.node if n.op_type == "Attention"), None)
+        nodes = _mha_inputs(inputs[1], heads, _elem_type(model, first.input[0])) if first is not None else []
+        replace = partial(_replace_mha, heads=heads, head_dim=head_dim)
+    else:
+        raise ExportValidationError(f"no ONNX Runtime CPU form for a {form} graph with {heads}/{kv_heads} heads")
     count = 0
     for node in g.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            nodes.extend(_replace(node, count, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window))
+            nodes.extend(replace(node, count))
             count += 1
         else:
             nodes.append(node)
@@ -118,6 +244,7 @@ def rewrite_to_gqa(model: Any, *, heads: int, kv_heads: int, head_dim: int) -> i
         raise ExportValidationError("the graph has no ONNX Attention node to rewrite (exported below opset 23?)")
     del g.node[:]
     g.node.extend(nodes)
+    _prune(g)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
@@ -129,7 +256,7 @@ def write_cpu_form(src: Path, *, heads: int, kv_heads: int, head_dim: int) -> tu
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
-    count = rewrite_to_gqa(model, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    count = rewrite_attention(model, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     dst = src.with_name(CPU_FORM_NAME)
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "wb") as fh:

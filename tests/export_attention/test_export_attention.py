@@ -135,6 +135,7 @@ def test_minilm_key_padding_mask_and_padding_invariance(minilm_artifact):
     from sfr_export.runtime import Embedder
 
     e = Embedder.from_artifact(minilm_artifact, backend="onnxruntime")
+    assert e.info["form"] == "onnx-cpu"  # the CPU provider runs the MultiHeadAttention form of an encoder too
     text = "A man is playing a guitar."
     alone = e.encode([text])
     longer = "The stock market fell sharply today after the central bank raised interest rates again. " * 4
@@ -142,6 +143,58 @@ def test_minilm_key_padding_mask_and_padding_invariance(minilm_artifact):
     assert e.spec.padding_side == "right"
     batched = e.encode([longer, text])
     assert batched.shape == (2, 384) and float(alone[0] @ batched[1]) >= 0.99999
+
+
+def _all_tensor_shapes(path, ids, mask):
+    """Run ``path`` on ONNX Runtime CPU with every node output exposed; returns {tensor name: shape}."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    names = [o for n in m.graph.node for o in n.output if o]
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    return {o.name: np.shape(v) for o, v in zip(sess.get_outputs(), outs)}
+
+
+def _two_length_axes(shapes, length):
+    return sorted(name for name, shape in shapes.items() if list(shape).count(length) >= 2)
+
+
+def test_minilm_cpu_form_is_flash_multihead_attention_with_no_length_squared_tensor(minilm_artifact):
+    """Every node output at an odd L (37): the portable form has its [B, 1, L, L] mask, the CPU form nothing L x L."""
+    m = Manifest.load(minilm_artifact)
+    cpu = onnx.load(str(m.artifact_path("export:fp32", "onnx-cpu")), load_external_data=False)
+    ops = [n.op_type for n in cpu.graph.node]
+    assert "Attention" not in ops and "Softmax" not in ops
+    mha = [n for n in cpu.graph.node if n.op_type == "MultiHeadAttention"]
+    # three inputs only: no key_padding_mask / attention_bias, the condition of ORT's CPU flash path
+    assert len(mha) == 6 and all(n.domain == "com.microsoft" and len(n.input) == 3 for n in mha)
+    ids, mask = _random_batch([37, 20], vocab=30522, seed=5)
+    portable = _all_tensor_shapes(m.artifact_path("export:fp32", "onnx"), ids, mask)
+    assert any(list(s) == [2, 1, 37, 37] for s in portable.values()), "the check must see the portable mask"
+    assert _two_length_axes(_all_tensor_shapes(m.artifact_path("export:fp32", "onnx-cpu"), ids, mask), 37) == []
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_minilm_cpu_form_matches_the_portable_form(minilm_artifact, side):
+    """Same ids and mask into both forms; left padding puts whole key tiles of padding first on the flash path."""
+    ids, mask = _random_batch([300, 211, 64, 9, 1], vocab=30522, seed=11, side=side)
+    m = Manifest.load(minilm_artifact)
+    embs = []
+    for kind in ("onnx", "onnx-cpu"):
+        with OrtRunner(m.artifact_path("export:fp32", kind)) as r:
+            embs.append(r.infer(ids, mask))
+    assert row_cosine(*embs).min() >= 0.99999
+
+
+def test_minilm_validation_covers_the_cpu_form(minilm_artifact):
+    v = Manifest.load(minilm_artifact).stage("export:fp32").figures["validation"]
+    for key in ("right_padding", "left_padding", "cpu_form_right_padding", "cpu_form_left_padding"):
+        assert v[key]["min_cosine"] >= 0.99999, key
 
 
 @pytest.mark.slow
