@@ -13,7 +13,6 @@ and measure both with ONNX Runtime against the PyTorch fp32 reference on held-ou
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections import Counter
 import time
@@ -26,7 +25,6 @@ import numpy as np
 from ..errors import ArtifactError, CalibrationError, UserInputError
 from ..artifact import ArtifactRecord, Manifest, StageRecord
 from .common import peak_rss_mb, progress, run_worker, worker_main
-from .export_graph import AttentionForm
 
 log = logging.getLogger(__name__)
 
@@ -429,20 +427,14 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
 
 
 def fuse_cpu_attention(path: Path, plan: Any) -> str:
-    """Rewrite the CPU form's ``Attention`` nodes in place to the contrib op ONNX Runtime's CPU provider runs
-    fastest (causal graphs: ``GroupQueryAttention``, as the fp32 export's ``model.cpu.onnx``); returns the op used."""
-    import onnx
+    """Rewrite the CPU form's ``Attention`` nodes in place to the contrib op ONNX Runtime's CPU provider runs fastest,
+    as the fp32 export's ``model.cpu.onnx`` (attention stays float); returns the op used."""
+    from .ort_attention import cpu_form_op, write_cpu_form
 
-    from .ort_attention import rewrite_to_gqa
-
-    if plan.form is not AttentionForm.CAUSAL:
-        return "Attention"
-    model = onnx.load(str(path), load_external_data=False)
-    rewrite_to_gqa(model, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, path)
-    return "com.microsoft.GroupQueryAttention"
+    op = cpu_form_op(plan.form, plan.num_heads, plan.kv_heads)
+    if op is not None:
+        write_cpu_form(path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim, dst=path)
+    return op or "Attention"
 
 
 def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..models import load_tokenizer
-    from .ort_attention import write_cpu_form
+    from .ort_attention import cpu_form_op, write_cpu_form
     from ..runtime.torch_runner import TorchRunner
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -190,7 +190,7 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
         backbone, plan, info = _export_in_memory(model_dir, spec, cfg, onnx_path)
     OnnxIOSpec().check(onnx_path)
     cpu_path = None
-    if cfg.cpu_form and (plan.form.value == "causal" or plan.kv_heads == plan.num_heads):
+    if cfg.cpu_form and cpu_form_op(plan.form, plan.num_heads, plan.kv_heads):
         progress("writing the ONNX Runtime CPU form (com.microsoft attention)")
         cpu_path, _n = write_cpu_form(onnx_path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
     export_seconds = time.time() - t0

@@ -212,6 +212,15 @@ def _prune(graph: Any) -> int:
     return dropped
 
 
+def cpu_form_op(form: AttentionForm, heads: int, kv_heads: int) -> str | None:
+    """The contrib op the CPU form runs attention with, or None where the graph has no CPU form."""
+    if form is AttentionForm.CAUSAL:
+        return "com.microsoft.GroupQueryAttention"
+    if form is AttentionForm.KEY_PADDING and kv_heads == heads:
+        return "com.microsoft.MultiHeadAttention"
+    return None
+
+
 def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -> int:
     """Rewrite every ``Attention`` node of an exported ONNX ModelProto in place (GQA or MHA by its recorded form).
 
@@ -250,14 +259,15 @@ def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -
     return count
 
 
-def write_cpu_form(src: Path, *, heads: int, kv_heads: int, head_dim: int) -> tuple[Path, int]:
-    """Write ``model.cpu.onnx`` next to ``src`` (sharing its external data); returns (path, nodes rewritten)."""
+def write_cpu_form(src: Path, *, heads: int, kv_heads: int, head_dim: int, dst: Path | None = None) -> tuple[Path, int]:
+    """Write the CPU form of ``src`` to ``dst`` (default ``model.cpu.onnx`` next to it, sharing its external data;
+    ``dst = src`` rewrites in place, atomically); returns (path, nodes rewritten)."""
     import onnx
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
     count = rewrite_attention(model, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-    dst = src.with_name(CPU_FORM_NAME)
+    dst = src.with_name(CPU_FORM_NAME) if dst is None else Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(model.SerializeToString())
