@@ -5,8 +5,9 @@ Backends (same random ids everywhere, right padded):
 - ``ort-attention``: the export's standard form (one ONNX ``Attention`` node per layer, opset 23), ONNX Runtime CPU;
 - ``ort-cpu`` (also ``ort-gqa`` / ``ort-mha``): its CPU form ``model.cpu.onnx`` (``com.microsoft.GroupQueryAttention``
   for a causal model, ``com.microsoft.MultiHeadAttention`` with a 2-D key-padding mask for an encoder);
-- ``ort-legacy``: an ONNX file given with ``--legacy-onnx`` (e.g. the opset-18 export of the main branch, whose
-  attention is MatMul/Softmax over L x L scores).
+- ``ort-legacy``: an ONNX file given with ``--legacy-onnx`` (e.g. an ``--opset 18`` export, whose attention is
+  MatMul/Softmax over L x L scores);
+- ``ort-int8``: an int8-cpu ``model.onnx`` given with ``--int8-onnx`` (the calibrate stage's CPU form).
 
     flock /tmp/sfr-heavy.lock python benchmarks/bench_long_inputs.py --model demo:smollm2 \\
         --lengths 512,1024,2048,4096 --batches 1,4 --threads 2 [--legacy-onnx /tmp/legacy/onnx/fp32/model.onnx]
@@ -54,7 +55,7 @@ def make_batch(length: int, batch: int, vocab: int) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
-def _runner(backend: str, model_dir: str, onnx_dir: str, legacy: str | None, threads: int):
+def _runner(backend: str, model_dir: str, onnx_dir: str, given: dict[str, str], threads: int):
     from sfr_export.models import resolve_model
 
     spec = resolve_model(model_dir, compute_fingerprint=False).spec
@@ -70,14 +71,19 @@ def _runner(backend: str, model_dir: str, onnx_dir: str, legacy: str | None, thr
 
         cpu = Path(onnx_dir) / "model.cpu.onnx"
         path = {"ort-attention": Path(onnx_dir) / "model.onnx", "ort-cpu": cpu, "ort-gqa": cpu, "ort-mha": cpu,
-                "ort-legacy": Path(legacy or "")}[backend]
+                **{k: Path(v) for k, v in given.items()}}[backend]
         r = OrtRunner(path, intra_op_threads=threads)
     r.activate()
     return r
 
 
+def _given(a: argparse.Namespace) -> dict[str, str]:
+    """Backends that run an ONNX file named on the command line."""
+    return {k: v for k, v in (("ort-legacy", a.legacy_onnx), ("ort-int8", a.int8_onnx)) if v}
+
+
 def run_cell(a: argparse.Namespace) -> None:
-    r = _runner(a.cell, a.model, a.onnx_dir, a.legacy_onnx, a.threads)
+    r = _runner(a.cell, a.model, a.onnx_dir, _given(a), a.threads)
     ids, mask = make_batch(a.length, a.batch, a.vocab)
     with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS
         fh.write("5")
@@ -98,8 +104,9 @@ def _cell(a: argparse.Namespace, backend: str, length: int, batch: int, emb: Pat
     cmd = [sys.executable, __file__, "--cell", backend, "--model", a.model, "--onnx-dir", str(a.onnx_dir),
            "--length", str(length), "--batch", str(batch), "--threads", str(a.threads), "--repeats", str(a.repeats),
            "--vocab", str(a.vocab), "--emb-out", str(emb)]
-    if a.legacy_onnx:
-        cmd += ["--legacy-onnx", a.legacy_onnx]
+    for flag, path in (("--legacy-onnx", a.legacy_onnx), ("--int8-onnx", a.int8_onnx)):
+        if path:
+            cmd += [flag, path]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
@@ -131,8 +138,10 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,ort-attention,ort-gqa")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the backends per shape, alternating (median)")
     ap.add_argument("--vocab", type=int, default=None, help="ids are drawn below this (default: the model's vocab)")
     ap.add_argument("--legacy-onnx", default=None)
+    ap.add_argument("--int8-onnx", default=None, help="backend ort-int8: an int8-cpu model.onnx (e.g. onnx/int8-cpu)")
     ap.add_argument("--onnx-dir", default=None, help="an export's onnx/fp32 dir (default: export into a temp dir)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
@@ -143,33 +152,46 @@ def main() -> None:
     if a.cell:
         return run_cell(a)
     a.vocab = a.vocab or _vocab_size(a.model)
-    backends = a.backends.split(",") + (["ort-legacy"] if a.legacy_onnx and "ort-legacy" not in a.backends else [])
+    backends = a.backends.split(",") + [b for b in _given(a) if b not in a.backends]
     tmp = Path(tempfile.mkdtemp(prefix="bench-long-"))
     a.onnx_dir = a.onnx_dir or str(export_forms(a.model, tmp / "artifact"))
     rows = []
-    print(f"model {a.model}, threads {a.threads}, median of {a.repeats}, fresh process per cell", flush=True)
+    print(f"model {a.model}, threads {a.threads}, median of {a.repeats} calls x {a.rounds} alternating rounds, fresh "
+          "process per cell", flush=True)
     print(f"{'L':>5} {'B':>2} {'backend':<14} {'s':>8} {'tok/s':>8} {'extra MB':>9} {'x torch':>8} {'cos':>9}")
     for length in (int(x) for x in a.lengths.split(",")):
         for batch in (int(x) for x in a.batches.split(",")):
-            ref_t, ref_e = None, None
-            for be in ["torch"] + [b for b in backends if b != "torch"]:
-                emb = tmp / f"{be}-{length}-{batch}.npy"
-                res = _cell(a, be, length, batch, emb)
-                row = {"L": length, "B": batch, "backend": be, **res}
-                if "error" not in res:
-                    e = np.load(emb)
-                    if be == "torch":
-                        ref_t, ref_e = res["seconds"], e
-                    row["cos_min"] = float((e * ref_e).sum(1).min()) if ref_e is not None else None
-                    row["vs_torch"] = res["seconds"] / ref_t if ref_t else None
-                    print(f"{length:>5} {batch:>2} {be:<14} {res['seconds']:>8.3f} {res['tokens'] / res['seconds']:>8.0f} "
-                          f"{res['extra_mb']:>9.0f} {row['vs_torch']:>7.2f}x {row['cos_min']:>9.6f}", flush=True)
-                else:
-                    print(f"{length:>5} {batch:>2} {be:<14} ERROR {res['error']}", flush=True)
-                rows.append(row)
+            rows += _shape(a, length, batch, backends, tmp)
     _slopes(rows)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
+
+
+def _shape(a: argparse.Namespace, length: int, batch: int, backends: list[str], tmp: Path) -> list[dict]:
+    """Every backend at one (L, B): ``--rounds`` passes over the backends, alternating, each cell a fresh process;
+    seconds are the median over the passes, extra MB the largest."""
+    order = ["torch"] + [b for b in backends if b != "torch"]
+    runs: dict[str, list[dict]] = {be: [] for be in order}
+    for _ in range(a.rounds):
+        for be in order:
+            runs[be].append(_cell(a, be, length, batch, tmp / f"{be}-{length}-{batch}.npy"))
+    ref_e = np.load(tmp / f"torch-{length}-{batch}.npy") if "error" not in runs["torch"][0] else None
+    ref_t = statistics.median(r["seconds"] for r in runs["torch"]) if ref_e is not None else None
+    rows = []
+    for be, rs in runs.items():
+        if any("error" in r for r in rs):
+            print(f"{length:>5} {batch:>2} {be:<14} ERROR {next(r['error'] for r in rs if 'error' in r)}", flush=True)
+            rows.append({"L": length, "B": batch, "backend": be, **rs[0]})
+            continue
+        sec = statistics.median(r["seconds"] for r in rs)
+        e = np.load(tmp / f"{be}-{length}-{batch}.npy")
+        row = {"L": length, "B": batch, "backend": be, **rs[0], "seconds": sec, "seconds_per_round": [r["seconds"] for r in rs],
+               "extra_mb": max(r["extra_mb"] for r in rs), "cos_min": float((e * ref_e).sum(1).min()) if ref_e is not None else None,
+               "vs_torch": sec / ref_t if ref_t else None}
+        print(f"{length:>5} {batch:>2} {be:<14} {sec:>8.3f} {row['tokens'] / sec:>8.0f} {row['extra_mb']:>9.0f} "
+              f"{row['vs_torch'] or 0:>7.2f}x {row['cos_min'] or 0:>9.6f}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def _slopes(rows: list[dict]) -> None:
