@@ -8,7 +8,7 @@ batches by length) and compares with the torch fp32 reference:
 - ``w8`` / ``a8`` / ``w8a8``: per-output-channel int8 weights and/or per-token symmetric int8 activations
   (``row8``'s arithmetic) on every linear, optionally after the calibrate stage's online rotation (every linear
   input except ``o_proj``'s) with a given seed, optionally with position 0 (the attention-sink token, whose
-  activations reach |x| ~ 3,250) left float.
+  activations reach |x| ~ 3,250) left float; ``@q_proj/k_proj`` limits a row to the linears so named.
 
 For each row it also reports the build gate's statistics (``sfr_export.quant.sensitivity``): the **noise floor** of
 the realized ΔSpearman (the candidate's own per-text error vectors re-assigned to texts at random, std over the
@@ -49,15 +49,18 @@ class Lever:
     acts: bool = False
     rotate: bool = False
     pos0_float: bool = False
+    only: tuple[str, ...] = ()  # quantize only the linears whose name contains one of these ("@down_proj/up_proj")
 
     @classmethod
     def parse(cls, name: str) -> "Lever":
-        base, *opts = name.split("+")
+        head, _, only = name.partition("@")
+        base, *opts = head.split("+")
         if base in ("bf16", "fp16"):
             return cls(name, dtype={"bf16": "bfloat16", "fp16": "float16"}[base])
         if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "pos0"}:
             raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot and/or +pos0")
-        return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate="rot" in opts, pos0_float="pos0" in opts)
+        return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate="rot" in opts, pos0_float="pos0" in opts,
+                   only=tuple(x for x in only.split("/") if x))
 
 
 def _fake_act(x: Any, pos0_float: bool) -> Any:
@@ -77,7 +80,9 @@ def fake_quant(model: Any, lever: Lever) -> Iterator[None]:
     from sfr_export.quant.sensitivity import fake_weight
 
     handles = []
-    for m in linear_modules(model).values():
+    for name, m in linear_modules(model).items():
+        if lever.only and not any(x in name for x in lever.only):
+            continue
         if lever.weights:
             orig = m.weight.data
             m.weight.data = fake_weight(orig.float()).to(orig.dtype)
