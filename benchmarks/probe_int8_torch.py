@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8 import cos_rows, spearman_figures, sts_score, stsb_test  # noqa: E402
 
-QMAX = 127.0
+from sfr_export.quant.observe import QMAX  # noqa: E402  (the int8 range every fake quantization uses)
 
 
 @dataclass(frozen=True)
