@@ -49,6 +49,8 @@ class Lever:
     acts: bool = False
     rotate: bool = False
     pos0_float: bool = False
+    last_float: bool = False  # +last: each text's last attended position (the pooled token) keeps float activations
+    block: int = 0  # +g32 / +g64 / +g128: activation scales per token and per block of channels (MatMulNBits' int8 compute)
     only: tuple[str, ...] = ()  # quantize only the linears whose name contains one of these ("@down_proj/up_proj")
 
     @classmethod
@@ -57,38 +59,65 @@ class Lever:
         base, *opts = head.split("+")
         if base in ("bf16", "fp16"):
             return cls(name, dtype={"bf16": "bfloat16", "fp16": "float16"}[base])
-        if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "pos0"}:
-            raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot and/or +pos0")
+        blocks = {f"g{b}": b for b in (32, 64, 128)}
+        if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "pos0", "last", *blocks}:
+            raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot, +pos0, +last, +g32|g64|g128")
         return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate="rot" in opts, pos0_float="pos0" in opts,
-                   only=tuple(x for x in only.split("/") if x))
+                   last_float="last" in opts, block=max([blocks[o] for o in opts if o in blocks], default=0), only=tuple(x for x in only.split("/") if x))
+
+    def matches(self, linear: str) -> bool:
+        return not self.only or any(x in linear for x in self.only)
 
 
-def _fake_act(x: Any, pos0_float: bool) -> Any:
+def parse_row(row: str) -> tuple[Lever, ...]:
+    """``w8a8+rot;w8a8+g32@gate_proj/up_proj``: levers separated by ``;``, the last that matches a linear wins."""
+    return tuple(Lever.parse(x) for x in row.split(";"))
+
+
+def _fake_act(x: Any, lever: Lever, last: Any) -> Any:
+    """Per-token (or per-token-per-block) symmetric int8 of a linear's input; ``last``: each row's pooled position."""
     import torch
 
-    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / QMAX
-    xq = torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
-    if pos0_float and x.dim() == 3:
+    k, block = x.shape[-1], lever.block
+    xb = x
+    if block:  # the last block zero-padded, as MatMulNBits pads K
+        xb = torch.nn.functional.pad(x, (0, -k % block))
+        xb = xb.reshape(*xb.shape[:-1], -1, block)
+    s = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / QMAX
+    xq = (torch.clamp(torch.round(xb / s), -QMAX, QMAX) * s).flatten(-2)[..., :k] if block else \
+        torch.clamp(torch.round(xb / s), -QMAX, QMAX) * s
+    if lever.pos0_float and x.dim() == 3:
         xq = torch.cat([x[:, :1], xq[:, 1:]], dim=1)
+    if lever.last_float and x.dim() == 3:
+        rows = torch.arange(x.shape[0])
+        xq[rows, last] = x[rows, last]
     return xq
 
 
 @contextlib.contextmanager
-def fake_quant(model: Any, lever: Lever) -> Iterator[None]:
-    """Per-channel int8 weights (swapped in for the forward) and per-token int8 activations on every linear."""
+def fake_quant(model: Any, levers: tuple[Lever, ...]) -> Iterator[None]:
+    """Per-channel int8 weights (swapped in for the forward) and per-token int8 activations, each linear by the last
+    lever of the row that matches it."""
     from sfr_export.quant.observe import linear_modules
     from sfr_export.quant.sensitivity import fake_weight
 
-    handles = []
+    state: dict[str, Any] = {}
+
+    def grab_mask(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:  # right padding: the last attended position
+        state["last"] = kwargs["attention_mask"].sum(1) - 1
+
+    handles = [model.register_forward_pre_hook(grab_mask, with_kwargs=True)]
     for name, m in linear_modules(model).items():
-        if lever.only and not any(x in name for x in lever.only):
+        lever = next((lv for lv in reversed(levers) if lv.matches(name)), None)
+        if lever is None:
             continue
         if lever.weights:
             orig = m.weight.data
             m.weight.data = fake_weight(orig.float()).to(orig.dtype)
             handles.append((m, orig))
         if lever.acts:
-            handles.append(m.register_forward_pre_hook(lambda _m, a: (_fake_act(a[0], lever.pos0_float), *a[1:])))
+            handles.append(m.register_forward_pre_hook(
+                lambda _m, a, lv=lever: (_fake_act(a[0], lv, state.get("last")), *a[1:])))
     try:
         yield
     finally:
@@ -136,7 +165,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/sfr-probe-int8.json")
     args = ap.parse_args()
-    levers = [Lever.parse(r) for r in args.rows.split(",")]
+    rows = [(r, parse_row(r)) for r in args.rows.split(",")]
     model, tt, spec = _load(args.threads)
     s1, s2, gold = stsb_test()
     s1, s2, gold = s1[: args.pairs], s2[: args.pairs], gold[: args.pairs]
@@ -147,15 +176,16 @@ def main() -> None:
     res: dict[str, Any] = {"pairs": len(gold), "spearman_ref": sts_score(ref, gold), "ref_seconds": ref_sec, "rows": []}
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
     np.save(Path(args.out).with_suffix(".ref.npy"), ref)
-    for lever in levers:
-        for seed in ([int(s) for s in args.seeds.split(",")] if lever.rotate else [None]):
-            m = model if lever.dtype == "float32" and not lever.rotate else _copy(model, lever.dtype)
-            if lever.rotate:
+    for name, levers in rows:
+        rotate, dtype = any(lv.rotate for lv in levers), levers[0].dtype
+        for seed in ([int(s) for s in args.seeds.split(",")] if rotate else [None]):
+            m = model if dtype == "float32" and not rotate else _copy(model, dtype)
+            if rotate:
                 rotate_model(m, [n for n in linear_modules(m) if not n.endswith(CPU_ROTATION_SKIP)], seed=seed)
             t = time.time()
-            with fake_quant(m, lever), torch.inference_mode():
+            with fake_quant(m, levers), torch.inference_mode():
                 cand = torch_embedder(m, spec)(batches)
-            row = _row(lever.name + ("" if seed is None else f" seed {seed}"), ref, cand, gold, time.time() - t)
+            row = _row(name + ("" if seed is None else f" seed {seed}"), ref, cand, gold, time.time() - t)
             res["rows"].append(row)
             np.save(Path(args.out).with_suffix(f".{len(res['rows'])}.npy"), cand.astype(np.float16))
             print(json.dumps(row), flush=True)
