@@ -228,3 +228,27 @@ def test_smoothquant_on_a_bf16_reference_is_refused(tiny_int8, capsys):
     assert exc.value.code == 2
     assert "SmoothQuant needs an fp32 torch reference" in capsys.readouterr().err
     assert (tiny_int8 / "manifest.json").read_text() == before
+
+
+def test_candidate_below_the_cosine_targets_skips_the_scored_pairs(tiny_int8):
+    """The CPU search measures held-out cosine first: a candidate that already fails it is not run on the pairs."""
+    from types import SimpleNamespace
+
+    from sfr_export.artifact import load_spec
+    from sfr_export.models import load_tokenizer
+    from sfr_export.quant.sensitivity import Targets
+    from sfr_export.stages.calibrate import CPU_SESSION_CONFIG, _measure, _ort_embed, make_batches
+    from sfr_export.tokenization import TextTokenizer
+
+    spec = load_spec(tiny_int8)
+    tt = TextTokenizer(load_tokenizer(tiny_int8 / "tokenizer"), spec)
+    path = tiny_int8 / "onnx" / "int8-cpu" / "model.onnx"
+    hold = make_batches(tt, [f"held-out text number {i}" for i in range(6)], 4)
+    pairs = make_batches(tt, [f"pair side {i}" for i in range(8)], 4)
+    gold = np.arange(4, dtype=float)
+    own, own_pairs = _ort_embed(path, CPU_SESSION_CONFIG, hold), _ort_embed(path, CPU_SESSION_CONFIG, pairs)
+    far = np.roll(own, 1, axis=1)  # a reference the candidate is nowhere near
+    f = _measure(path, CPU_SESSION_CONFIG, SimpleNamespace(ref=far, pairs_ref=own_pairs), hold, pairs, gold, Targets())
+    assert not f["met"] and f["spearman_delta"] is None and "skipped" in f["measured_on"]
+    f = _measure(path, CPU_SESSION_CONFIG, SimpleNamespace(ref=own, pairs_ref=own_pairs), hold, pairs, gold, Targets())
+    assert f["met"] and f["spearman_delta"] == 0.0 and f["cos_mean"] > 0.9999
