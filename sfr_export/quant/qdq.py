@@ -181,6 +181,10 @@ class QuantPlan:
     # w8a8: the first ``prefix_float`` positions (axis 1) skip activation quantization: the MatMul is split into a
     # float-activation MatMul on them (same int8 weight) and a Q/DQ MatMul on the rest, concatenated (right padding)
     prefix_float: int = 0
+    # row8: each text's pooled position (the last attended one, as last-token pooling takes it) gets a second int8
+    # digit, the per-token rounding residual quantized again, through the same int8 weight: that row's activations
+    # are then ~15-bit exact, for one more MatMulIntegerToFloat on B rows and a ScatterND per MatMul
+    pooled_exact: bool = False
 
 
 def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,9 +305,8 @@ def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
                         helper.make_tensor("sfr_row8_zp", TensorProto.UINT8, [], [128]),
                         helper.make_tensor("sfr_row8_one", TensorProto.FLOAT, [], [1.0]),
                         helper.make_tensor("sfr_row8_axes", TensorProto.INT64, [1], [-1])]
-    key = f"row8:{a}"
+    key, p = f"row8:{a}", f"{a}_row8"
     if key not in e.shared:
-        p = f"{a}_row8"
         # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); x / scale is in [-127, 127];
         # QuantizeLinear(1, 128) rounds, shifts, saturates and casts in one pass
         nodes += [helper.make_node("Abs", [a], [f"{p}_abs"], name=f"{p}_Abs"),
@@ -313,12 +316,63 @@ def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
                   helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
                   helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
         e.shared[key] = f"{p}_u8|{p}_scale"
+        if e.plan.pooled_exact:
+            _pooled_digit(e, p, nodes)
     qa, sa = e.shared[key].split("|")
     wq, ws = e.node_form[n.name][1]
     out = n.output[0]
+    scaled = f"{out}_r8s" if e.plan.pooled_exact else out
     nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
                                   name=f"{n.name}_R8", domain="com.microsoft"))
-    return helper.make_node("Mul", [f"{out}_r8", sa], [out], name=f"{n.name}_R8_rowscale")
+    rescale = helper.make_node("Mul", [f"{out}_r8", sa], [scaled], name=f"{n.name}_R8_rowscale")
+    if not e.plan.pooled_exact:
+        return rescale
+    nodes += [rescale, helper.make_node("MatMulIntegerToFloat", [f"{p}_d2_u8", wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_d2"],
+                               name=f"{n.name}_R8_d2", domain="com.microsoft"),
+              helper.make_node("Mul", [f"{out}_d2", f"{p}_d2_scale"], [f"{out}_d2s"], name=f"{n.name}_R8_d2_scale")]
+    return helper.make_node("ScatterND", [scaled, "sfr_pooled_idx", f"{out}_d2s"], [out], name=f"{n.name}_R8_pooled",
+                            reduction="add")
+
+
+def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
+    """``sfr_pooled_idx`` [B, 2]: (row, last attended position), argmax(mask * position) as the pooling takes it."""
+    from onnx import TensorProto, helper
+
+    e.new_inits += [helper.make_tensor("sfr_pi_0", TensorProto.INT64, [], [0]),
+                    helper.make_tensor("sfr_pi_1", TensorProto.INT64, [], [1]),
+                    helper.make_tensor("sfr_pi_ax1", TensorProto.INT64, [1], [1])]
+    nodes += [helper.make_node("Shape", ["attention_mask"], ["sfr_pi_shape"], name="sfr_pi_Shape"),
+              helper.make_node("Gather", ["sfr_pi_shape", "sfr_pi_0"], ["sfr_pi_b"], name="sfr_pi_B"),
+              helper.make_node("Gather", ["sfr_pi_shape", "sfr_pi_1"], ["sfr_pi_l"], name="sfr_pi_L"),
+              helper.make_node("Range", ["sfr_pi_0", "sfr_pi_l", "sfr_pi_1"], ["sfr_pi_pos"], name="sfr_pi_Pos"),
+              helper.make_node("Cast", ["attention_mask"], ["sfr_pi_mask"], name="sfr_pi_Cast", to=TensorProto.INT64),
+              helper.make_node("Mul", ["sfr_pi_mask", "sfr_pi_pos"], ["sfr_pi_mp"], name="sfr_pi_MaskPos"),
+              helper.make_node("ArgMax", ["sfr_pi_mp"], ["sfr_pi_last"], name="sfr_pi_Last", axis=1, keepdims=1),
+              helper.make_node("Range", ["sfr_pi_0", "sfr_pi_b", "sfr_pi_1"], ["sfr_pi_rows"], name="sfr_pi_Rows"),
+              helper.make_node("Unsqueeze", ["sfr_pi_rows", "sfr_pi_ax1"], ["sfr_pi_rows2"], name="sfr_pi_Rows2"),
+              helper.make_node("Concat", ["sfr_pi_rows2", "sfr_pi_last"], ["sfr_pooled_idx"], name="sfr_pi_Idx", axis=1)]
+
+
+def _pooled_digit(e: _Edit, p: str, nodes: list[Any]) -> None:
+    """The pooled rows' second digit of activation ``p``: the residual of ``round(x / scale)``, quantized per row
+    (``{p}_d2_u8`` [B, K], u8 zero point 128) with scale ``{p}_d2_scale`` [B, 1] = its own scale x the row's."""
+    from onnx import helper
+
+    if "sfr_pooled_idx" not in e.shared:
+        _pooled_index(e, nodes)
+        e.shared["sfr_pooled_idx"] = "sfr_pooled_idx"
+    d = f"{p}_d2"
+    nodes += [helper.make_node("GatherND", [f"{p}_x", "sfr_pooled_idx"], [f"{d}_x"], name=f"{d}_GatherX"),
+              helper.make_node("Round", [f"{d}_x"], [f"{d}_q1"], name=f"{d}_Round"),
+              helper.make_node("Sub", [f"{d}_x", f"{d}_q1"], [f"{d}_r"], name=f"{d}_Residual"),
+              helper.make_node("Abs", [f"{d}_r"], [f"{d}_abs"], name=f"{d}_Abs"),
+              helper.make_node("ReduceMax", [f"{d}_abs", "sfr_row8_axes"], [f"{d}_max"], name=f"{d}_Max", keepdims=1),
+              helper.make_node("Mul", [f"{d}_max", "sfr_row8_inv127"], [f"{d}_s0"], name=f"{d}_S0"),
+              helper.make_node("Max", [f"{d}_s0", "sfr_row8_eps"], [f"{d}_own"], name=f"{d}_Own"),
+              helper.make_node("Div", [f"{d}_r", f"{d}_own"], [f"{d}_y"], name=f"{d}_Div"),
+              helper.make_node("QuantizeLinear", [f"{d}_y", "sfr_row8_one", "sfr_row8_zp"], [f"{d}_u8"], name=f"{d}_Q"),
+              helper.make_node("GatherND", [f"{p}_scale", "sfr_pooled_idx"], [f"{d}_row"], name=f"{d}_GatherScale"),
+              helper.make_node("Mul", [f"{d}_own", f"{d}_row"], [f"{d}_scale"], name=f"{d}_Scale")]
 
 
 ACT_WRITERS: dict[str, Callable[[_Edit, Any, MatMulInfo, list[Any]], Any]] = {
