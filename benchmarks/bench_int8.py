@@ -382,37 +382,32 @@ def _smol_artifact(args) -> Path:
 
 
 def _lever_models(root: Path, work: Path) -> dict[str, Path]:
-    """The lever table's CPU variants, built from the fp32 ONNX one tensor at a time like the calibrate stage."""
+    """The lever table's CPU variants: the calibrate stage's own candidates that need no sensitivity ranking, plus
+    float weights rotated (an exactness check of the rotation), written by the stage's own writer."""
     import onnx
 
-    from sfr_export.artifact import Manifest
+    from sfr_export.artifact import Manifest, load_spec
     from sfr_export.models import load_backbone
     from sfr_export.quant import observe as obs, qdq
-    from sfr_export.quant.rotation import make_rotation
-    from sfr_export.stages.calibrate import CPU_ROTATION_SKIP, fuse_cpu_attention
+    from sfr_export.spec import PoolingMode
+    from sfr_export.stages.calibrate import CpuCandidate, cpu_candidates, write_cpu_candidate
     from sfr_export.stages.export import plan_attention_from_dir
 
     src = root / "onnx" / "fp32" / "model.onnx"
     model_dir = Path(Manifest.load(root).model["local_dir"])
     model, plan = load_backbone(model_dir), plan_attention_from_dir(model_dir)
-    proto = onnx.load(str(src), load_external_data=False)
-    mapping = qdq.map_matmuls(proto, {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
-    inits = {t.name: t for t in proto.graph.initializer}
-    del model, proto
-    levers = {"row8": ("row8", lambda n: False), "row8 rotated, all 4 inputs per layer": ("row8", lambda n: True),
-              "row8 rotated, o_proj input not (the offered candidate)": ("row8", lambda n: not n.endswith(CPU_ROTATION_SKIP)),
-              "nbits8 (MatMulNBits block 32, int8 compute)": ("nbits8", lambda n: False),
-              "float, rotated (exactness)": ("float", lambda n: True)}
+    mapping = qdq.map_matmuls(onnx.load(str(src), load_external_data=False),
+                              {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
+    del model
+    cands = [c for c in cpu_candidates(list(mapping), {}, set(), last_token=load_spec(root).pooling is PoolingMode.LASTTOKEN)
+             if len(set(c.modes.values())) == 1]  # one mode everywhere: no sensitivity order involved
+    cands.append(CpuCandidate("float, rotated (exactness)", {n: "float" for n in mapping}, frozenset(mapping)))
     out = {}
-    for k, (mode, sel) in levers.items():
-        rots = {n: make_rotation(int(inits[mapping[n].weight].dims[0])) for n in mapping if sel(n)}
+    for c in cands:
         path = work / f"lever{len(out)}" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
-        qdq.build_quantized(src, path, mapping, qdq.QuantPlan({n: mode for n in mapping}, {}, rotations=rots),
-                            weight_of=lambda n, r=rots: (lambda w: r[n].apply(w) if n in r else w)(
-                                qdq.read_tensor(inits[mapping[n].weight], src.parent).T), bias_of=lambda n: None)
-        fuse_cpu_attention(path, plan)  # as the calibrate stage writes the CPU form
-        out[k] = path
+        write_cpu_candidate(src, path, mapping, c, seed=0, attention=plan)
+        out[c.label] = path
     return out
 
 

@@ -57,8 +57,9 @@ class CalibrateConfig:
     batch_size: int = 8
     pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
     reference_dtype: str = "auto"  # torch model used for calibration + reference: float32 | bfloat16 | auto
-    # online rotations of the linear inputs (sfr_export.quant.rotation), opt-in: "on" rotates the Q/DQ form (fp32
-    # reference; the fold is proven at min cos >= 0.99999) and adds the CPU candidate "row8 rotated". Off by default:
+    # online rotations of the Q/DQ form's linear inputs (sfr_export.quant.rotation; the CPU form tries its rotated
+    # candidates either way), opt-in: "on" rotates the torch model (fp32 reference; the fold is proven at
+    # min cos >= 0.99999). Off by default:
     # on real SmolLM2 both rotated forms reach cos 0.9982-0.9986 / p1 0.9963-0.9965 on all 1379 STSB test pairs but
     # dSpearman -0.81 / -0.83 (noise floor 0.21-0.25), which the 100-pair gate cannot see (docs/int8.md)
     rotation: str = "off"
@@ -187,13 +188,14 @@ class _Inputs:
     figures: dict[str, Any] = field(default_factory=dict)
     rotations: dict[str, Any] = field(default_factory=dict)  # linear -> Rotation (the torch model is rotated)
     attention: Any = None  # the export's AttentionPlan (which fused attention op the CPU form takes)
+    last_token: bool = False  # the model pools its last attended token
 
 
 def _load_inputs(job: dict[str, Any]) -> _Inputs:
     """Sample the recipe (leakage-guarded) and tokenize calibration, held-out and scored-pair texts."""
     from ..models import load_tokenizer
     from ..quant.recipe import load_recipe, recipe_from_jsonl, sample_recipe
-    from ..spec import ModelSpec
+    from ..spec import ModelSpec, PoolingMode
     from ..tokenization import TextTokenizer
 
     cfg = CalibrateConfig(**job["config"])
@@ -213,7 +215,8 @@ def _load_inputs(job: dict[str, Any]) -> _Inputs:
         pair_b, gold = make_batches(tt, sts, 32), np.array([s for _, _, s in cs.pairs])
     inp = _Inputs(cfg=cfg, src=Path(job["fp32_onnx"]), out_dir=Path(job["out_dir"]), recipe=recipe,
                   calib_b=make_batches(tt, [c.text for c in cs.calibration], cfg.batch_size),
-                  hold_b=make_batches(tt, [c.text for c in cs.holdout], cfg.batch_size), pair_b=pair_b, gold=gold)
+                  hold_b=make_batches(tt, [c.text for c in cs.holdout], cfg.batch_size), pair_b=pair_b, gold=gold,
+                  last_token=spec.pooling is PoolingMode.LASTTOKEN)
     inp.figures.update({"recipe": recipe.to_dict(), "sample": cs.summary()})
     return inp
 
@@ -403,20 +406,23 @@ class CpuCandidate:
     label: str
     modes: dict[str, str]
     rotated: frozenset[str] = frozenset()  # linears whose input is rotated online
+    pooled_exact: bool = False  # row8: the pooled row of every activation gets a second int8 digit (QuantPlan)
 
 
 def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[str], *,
-                   rotated: bool = False) -> list[CpuCandidate]:
+                   last_token: bool = False) -> list[CpuCandidate]:
     """The CPU form's candidates, fastest first. Measured on real SmolLM2, B8 x L128, one thread, against torch fp32
     eager: ``row8`` ~2.5-2.9x, ``row8`` rotated ~2.2-2.5x (docs/int8.md), ``nbits8`` ~0.9x. ``row8`` (per-token
     activation scales) fails where activation outliers sit inside a token (real SmolLM2: channel outliers and the
     first token's massive down_proj input); the online rotation spreads them over all channels; blockwise ``nbits8``
-    contains them at a much lower speed."""
+    contains them at a much lower speed. With last-token pooling the pooled row's own error reaches the embedding
+    directly: a second digit for it (``pooled_exact``) took the torch probe of rotated per-token int8 on real SmolLM2
+    from expected ΔSpearman -0.29 to -0.04 (1379 STSB test pairs, docs/int8.md)."""
     order = sorted(names, key=lambda n: -sensitivity.get(n, 0.0))  # most W8A8-sensitive first
     rot = frozenset(n for n in names if not n.endswith(CPU_ROTATION_SKIP))
-    out = [CpuCandidate("row8", {n: "row8" for n in names})]
-    if rotated:
-        out.append(CpuCandidate("row8 rotated", {n: "row8" for n in names}, rot))
+    out = [CpuCandidate("row8", {n: "row8" for n in names}), CpuCandidate("row8 rotated", {n: "row8" for n in names}, rot)]
+    if last_token:
+        out.append(CpuCandidate("row8 rotated, pooled rows exact", {n: "row8" for n in names}, rot, pooled_exact=True))
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
     if w8a8 and len(w8a8) < len(names) and w8a8 != set(names) - few:
@@ -441,46 +447,54 @@ def fuse_cpu_attention(path: Path, plan: Any) -> str:
     return op or "Attention"
 
 
-def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
-    """The fastest of :func:`cpu_candidates` that meets the fidelity targets on held-out texts (fidelity first: the
-    candidates are tried fastest first, and the first that meets the targets is kept). Weights are streamed from the
-    fp32 ONNX one tensor at a time (rotated there in float64 when the candidate is rotated)."""
+def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: CpuCandidate, *, seed: int,
+                        attention: Any) -> str:
+    """Write one CPU candidate to ``path`` from the fp32 ONNX ``src``, streaming its weights one tensor at a time
+    (rotated there in float64 when the candidate is rotated); returns the attention op the form runs."""
     import onnx
 
     from ..quant import qdq
     from ..quant.rotation import make_rotation
 
-    src, out, mapping = inp.src, inp.out_dir / "int8-cpu", inp.mapping
     proto = onnx.load(str(src), load_external_data=False)
     inits = {t.name: t for t in proto.graph.initializer}
     del proto
+    rots = {n: make_rotation(int(inits[mapping[n].weight].dims[0]), seed) for n in cand.rotated}
+
+    def weight_of(n: str) -> np.ndarray:
+        w = qdq.read_tensor(inits[mapping[n].weight], src.parent).T  # ONNX B is [in, out]
+        return rots[n].apply(w) if n in rots else w
+
+    qdq.build_quantized(src, path, mapping, qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact),
+                        weight_of=weight_of, bias_of=lambda n: None)
+    return fuse_cpu_attention(path, attention)
+
+
+def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
+    """The fastest of :func:`cpu_candidates` that meets the fidelity targets on held-out texts (fidelity first: the
+    candidates are tried fastest first, and the first that meets the targets is kept)."""
+    out = inp.out_dir / "int8-cpu"
     w8a8 = {n for n, m in sel.modes.items() if m == "w8a8"}
     tries = []
     cand = None
-    for cand in cpu_candidates(list(mapping), sel.sensitivity_w8a8, w8a8, rotated=inp.cfg.rotate()):
+    for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token):
         progress(f"CPU int8 form: trying {cand.label}")
-        rots = {n: make_rotation(int(inits[mapping[n].weight].dims[0]), inp.recipe.seed) for n in cand.rotated}
-
-        def weight_of(n: str, rots: dict[str, Any] = rots) -> np.ndarray:
-            w = qdq.read_tensor(inits[mapping[n].weight], src.parent).T  # ONNX B is [in, out]
-            return rots[n].apply(w) if n in rots else w
-
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        qdq.build_quantized(src, out / "model.onnx", mapping, qdq.QuantPlan(cand.modes, {}, rotations=rots),
-                            weight_of=weight_of, bias_of=lambda n: None)
-        attention = fuse_cpu_attention(out / "model.onnx", inp.attention)
+        attention = write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, cand, seed=inp.recipe.seed,
+                                        attention=inp.attention)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, inp.ev, inp.hold_b, inp.pair_b, inp.gold, targets)
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
-                      "rotated": len(cand.rotated), **fid})
+                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, **fid})
         if fid["met"]:
             break
     assert cand is not None
     return {"fidelity": tries[-1], "tries": tries, "chosen": tries[-1]["candidate"], "attention": attention,
             "float_nodes": sorted(n for n, m in cand.modes.items() if m == "float"),
-            "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated),
+            "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated), "pooled_exact": cand.pooled_exact,
             "form": {"row8": {"op": "com.microsoft.MatMulIntegerToFloat", "activation": "per-token symmetric, dynamic",
-                              "weight": "per-output-channel symmetric int8"},
+                              "weight": "per-output-channel symmetric int8",
+                              "pooled_exact": "the pooled row's rounding residual as a second int8 digit (ScatterND add)"},
                      "nbits8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
                                 "accuracy_level": 4},
                      "rotation": {"ops": "Reshape, MatMul (random-sign Hadamard), Transpose, MatMul (random orthogonal), "

@@ -217,6 +217,49 @@ def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
     assert np.abs(y - x @ w).max() < 0.05 * np.abs(x @ w).max()
 
 
+def test_row8_pooled_rows_get_a_second_digit(tmp_path):
+    """pooled_exact: each text's last attended row (either padding side) is x ~ s (q1 + s2 q2), two int8 digits
+    through the same int8 weight, so that row is ~15-bit exact; every other row is plain row8."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sfr_export.quant.observe import quantize_weight
+    from sfr_export.quant.qdq import MatMulInfo, QuantPlan, build_quantized
+
+    rng = np.random.default_rng(1)
+    k, n = 64, 48
+    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),  # two readers of x, as q/k/v
+                           helper.make_node("MatMul", ["x", "w2"], ["y2"], name="mm2")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "L", k]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "L", n]),
+                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["B", "L", n])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(-w, "w2")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    mapping = {"lin": MatMulInfo("lin", "mm", "w", "x"), "lin2": MatMulInfo("lin2", "mm2", "w2", "x")}
+    paths = {}
+    for exact in (False, True):
+        paths[exact] = tmp_path / f"row8_{exact}.onnx"
+        build_quantized(src, paths[exact], mapping, QuantPlan({"lin": "row8", "lin2": "row8"}, {}, pooled_exact=exact),
+                        weight_of=lambda name: w.T if name == "lin" else -w.T, bias_of=lambda _: None)
+    x = rng.normal(0, 1, (3, 6, k)).astype(np.float32)
+    x[:, :, 5] *= 30.0  # a channel outlier: coarse per-token scales
+    mask = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int64)  # right, left, none
+    (y0, y0b), (y1, y1b) = (ort.InferenceSession(str(paths[e]), providers=["CPUExecutionProvider"])
+                            .run(None, {"x": x, "attention_mask": mask}) for e in (False, True))
+    np.testing.assert_allclose(y1b, -y1, atol=1e-6)  # the second reader shares the digits, with its own weight
+    last = [3, 5, 5]
+    qw, sw = quantize_weight(w, axis=1)
+    exact = x.astype(np.float64) @ (qw.astype(np.float64) * sw)  # float activations, the same int8 weight
+    for b in range(3):
+        pooled = np.abs(y1[b, last[b]] - exact[b, last[b]]).max()
+        assert pooled < 0.01 * np.abs(y0[b, last[b]] - exact[b, last[b]]).max()  # two digits: ~250x less error
+        others = [i for i in range(6) if i != last[b]]
+        np.testing.assert_array_equal(y1[b, others], y0[b, others])
+
+
 def test_smoothquant_on_a_bf16_reference_is_refused(tiny_int8, capsys):
     """The fold check (min cos >= 0.99999 against the unsmoothed model) cannot hold once folded weights are
     re-rounded to bf16, so the combination is refused up front, before any work, and nothing is touched."""
