@@ -39,14 +39,20 @@ THRESHOLDS = {"fp16_min_cos": 0.999, "bf16_min_cos": 0.99, "kernel_max_abs": 1e-
 
 
 def _ensure_package() -> None:
-    """Use the repo without installing it: map top-level kernels/ to sfr_export.kernels as setuptools does."""
+    """Use the repo without installing it: load kernels/src as sfr_export.kernels, as setuptools maps it."""
     sys.path.insert(0, str(REPO))
     try:
         import sfr_export.kernels  # noqa: F401
     except ImportError:
-        import importlib
+        import importlib.util
 
-        sys.modules["sfr_export.kernels"] = importlib.import_module("kernels")
+        src = REPO / "kernels" / "src"
+        spec = importlib.util.spec_from_file_location(
+            "sfr_export.kernels", src / "__init__.py", submodule_search_locations=[str(src)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sfr_export.kernels"] = module
+        spec.loader.exec_module(module)
 
 
 class Check:

@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = "sfr_export"
 ROOT = Path(__file__).resolve().parents[2]
 # where each area's source lives (package-dir mapping in pyproject.toml)
-AREA_DIRS = {"kernels": ROOT / "kernels", "calibration": ROOT / "calibration"}
+AREA_DIRS = {"kernels": ROOT / "kernels" / "src", "calibration": ROOT / "calibration"}
 
 # Lower layers never import higher ones. Areas in one layer may import each other only without a cycle.
 LAYERS: list[tuple[str, ...]] = [

@@ -44,6 +44,17 @@ def test_serving_imports_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_repo_root_shadows_no_installed_package(tmp_path) -> None:
+    """Run from a checkout, the root is on sys.path: a folder there that is a package by the name of an installed one
+    (``kernels``: Hugging Face's, which transformers imports) would be imported in its place."""
+    ours = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "sfr_export")
+    code = f"import importlib.util; print([n for n in {ours!r} if importlib.util.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]"
+    load = "from transformers import MistralModel; import sfr_export.kernels"
+    subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True, cwd=ROOT)
+
+
 def long_functions() -> list[tuple[int, str]]:
     out = []
     for path in (ROOT / "sfr_export").rglob("*.py"):
