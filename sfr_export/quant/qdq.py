@@ -354,25 +354,22 @@ def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
 
 
 def _pooled_digit(e: _Edit, p: str, nodes: list[Any]) -> None:
-    """The pooled rows' second digit of activation ``p``: the residual of ``round(x / scale)``, quantized per row
-    (``{p}_d2_u8`` [B, K], u8 zero point 128) with scale ``{p}_d2_scale`` [B, 1] = its own scale x the row's."""
-    from onnx import helper
+    """The pooled rows' second digit of activation ``p``: the residual ``r = x - round(x)`` of ``x = a / scale`` lies
+    in [-0.5, 0.5], so ``round(254 r)`` is exact int8 (``{p}_d2_u8`` [B, K], u8 zero point 128) with the fixed scale
+    1/254 times the row's (``{p}_d2_scale`` [B, 1])."""
+    from onnx import TensorProto, helper
 
     if "sfr_pooled_idx" not in e.shared:
         _pooled_index(e, nodes)
+        e.new_inits += [helper.make_tensor("sfr_d2_step", TensorProto.FLOAT, [], [0.5 / QMAX])]
         e.shared["sfr_pooled_idx"] = "sfr_pooled_idx"
     d = f"{p}_d2"
     nodes += [helper.make_node("GatherND", [f"{p}_x", "sfr_pooled_idx"], [f"{d}_x"], name=f"{d}_GatherX"),
               helper.make_node("Round", [f"{d}_x"], [f"{d}_q1"], name=f"{d}_Round"),
               helper.make_node("Sub", [f"{d}_x", f"{d}_q1"], [f"{d}_r"], name=f"{d}_Residual"),
-              helper.make_node("Abs", [f"{d}_r"], [f"{d}_abs"], name=f"{d}_Abs"),
-              helper.make_node("ReduceMax", [f"{d}_abs", "sfr_row8_axes"], [f"{d}_max"], name=f"{d}_Max", keepdims=1),
-              helper.make_node("Mul", [f"{d}_max", "sfr_row8_inv127"], [f"{d}_s0"], name=f"{d}_S0"),
-              helper.make_node("Max", [f"{d}_s0", "sfr_row8_eps"], [f"{d}_own"], name=f"{d}_Own"),
-              helper.make_node("Div", [f"{d}_r", f"{d}_own"], [f"{d}_y"], name=f"{d}_Div"),
-              helper.make_node("QuantizeLinear", [f"{d}_y", "sfr_row8_one", "sfr_row8_zp"], [f"{d}_u8"], name=f"{d}_Q"),
+              helper.make_node("QuantizeLinear", [f"{d}_r", "sfr_d2_step", "sfr_row8_zp"], [f"{d}_u8"], name=f"{d}_Q"),
               helper.make_node("GatherND", [f"{p}_scale", "sfr_pooled_idx"], [f"{d}_row"], name=f"{d}_GatherScale"),
-              helper.make_node("Mul", [f"{d}_own", f"{d}_row"], [f"{d}_scale"], name=f"{d}_Scale")]
+              helper.make_node("Mul", [f"{d}_row", "sfr_d2_step"], [f"{d}_scale"], name=f"{d}_Scale")]
 
 
 ACT_WRITERS: dict[str, Callable[[_Edit, Any, MatMulInfo, list[Any]], Any]] = {
