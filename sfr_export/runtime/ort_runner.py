@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError
+from .ort_int8 import exact_integer_form, u8s8_saturates
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class OrtRunner(Runner):
         self.session: Any = None
         self.graph_padding = "any"  # "right": the graph is causal-only (sfr_export.stages.export_graph); others are re-padded
 
+    def _saturates(self) -> bool:
+        """ORT's u8 x s8 GEMM saturates on this CPU's provider (only CPU kernels do; ort_int8)."""
+        return self._provider_names() == ["CPUExecutionProvider"] and u8s8_saturates()
+
     def _provider_names(self) -> list[str]:
         return [p if isinstance(p, str) else p[0] for p in self.providers]
 
@@ -66,7 +71,8 @@ class OrtRunner(Runner):
             opts.intra_op_num_threads = self.intra_op_threads
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=self.providers)
+            with exact_integer_form(self.onnx_path, saturates=self._saturates()) as path:
+                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             if type(exc).__module__.startswith("onnxruntime"):
                 raise ArtifactError(f"ONNX Runtime cannot load {self.onnx_path}: corrupt or truncated file? "

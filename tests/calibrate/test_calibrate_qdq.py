@@ -208,7 +208,7 @@ def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
     x = rng.normal(0, 1, (2, 5, k)).astype(np.float32)
     x[0, 1, 3] = 40.0  # an outlier inflates only its own row's scale
     x[1, 2] = 0.0
-    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = _run(out, {"x": x})[0]
     sx = np.maximum(np.abs(x).max(-1, keepdims=True) / 127, 1e-30)
     qx = np.clip(np.rint(x / sx), -127, 127)
     qw, sw = quantize_weight(w, axis=1)
@@ -218,13 +218,14 @@ def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
     assert np.abs(y - x @ w).max() < 0.05 * np.abs(x @ w).max()
 
 
-def _cpu_has_vnni() -> bool:
-    """AVX-512 VNNI or AVX-VNNI: ORT's u8 x s8 GEMM then accumulates in int32 without int16 saturation."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+def _run(path, feeds):
+    """Run on ORT's CPU provider as the runtime does: with u8 weights where this CPU's u8 x s8 GEMM saturates."""
+    import onnxruntime as ort
+
+    from sfr_export.runtime.ort_int8 import exact_integer_form
+
+    with exact_integer_form(Path(path)) as p:
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def test_row8_pooled_rows_get_a_second_digit(tmp_path):
@@ -257,17 +258,13 @@ def test_row8_pooled_rows_get_a_second_digit(tmp_path):
     x = rng.normal(0, 1, (3, 6, k)).astype(np.float32)
     x[:, :, 5] *= 30.0  # a channel outlier: coarse per-token scales
     mask = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int64)  # right, left, none
-    (y0, y0b), (y1, y1b) = (ort.InferenceSession(str(paths[e]), providers=["CPUExecutionProvider"])
-                            .run(None, {"x": x, "attention_mask": mask}) for e in (False, True))
+    (y0, y0b), (y1, y1b) = (_run(paths[e], {"x": x, "attention_mask": mask}) for e in (False, True))
     readers = [n for n in onnx.load(str(paths[True])).graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(readers) == 4 and len({n.input[0] for n in readers}) == 2  # both readers share both digits
     last = [3, 5, 5]
     for b in range(3):
         others = [i for i in range(6) if i != last[b]]
         np.testing.assert_array_equal(y1[b, others], y0[b, others])
-    if not _cpu_has_vnni():
-        pytest.skip("the second digit's precision needs VNNI: without it ORT's u8 x s8 kernel (VPMADDUBSW) saturates "
-                    "pairs of products in int16, an error larger than the digit (ORT quantization docs)")
     np.testing.assert_allclose(y1b, -y1, atol=1e-6)  # the second reader, with its own weight
     qw, sw = quantize_weight(w, axis=1)
     exact = x.astype(np.float64) @ (qw.astype(np.float64) * sw)  # float activations, the same int8 weight
