@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ArtifactError, BackendUnavailableError
+
 log = logging.getLogger(__name__)
 
 INTEGER_MATMULS = {"MatMulIntegerToFloat": 5, "MatMulInteger": 3}  # op -> index of its B zero point input
@@ -89,9 +91,16 @@ def exact_integer_form(onnx_path: Path, *, saturates: bool | None = None) -> Ite
     if not (u8s8_saturates() if saturates is None else saturates) or not _has_integer_matmul(onnx_path):
         yield onnx_path
         return
-    import onnx
-
-    model = onnx.load(str(onnx_path))
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{onnx_path.name} has int8 MatMuls, and this CPU has no VNNI, where ONNX "
+                                      "Runtime's u8 x s8 GEMM saturates: pip install onnx to serve it exactly "
+                                      "(u8 weights), or serve an fp32/fp16 variant") from exc
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf's DecodeError, onnx's external-data errors: a damaged file
+        raise ArtifactError(f"cannot load {onnx_path}: corrupt or truncated file? ({type(exc).__name__})") from exc
     n = as_u8_weights(model)
     with tempfile.TemporaryDirectory(prefix="sfr-u8-", ignore_cleanup_errors=True) as tmp:
         dst = Path(tmp) / onnx_path.name
@@ -102,8 +111,11 @@ def exact_integer_form(onnx_path: Path, *, saturates: bool | None = None) -> Ite
 
 
 def _has_integer_matmul(onnx_path: Path) -> bool:
-    """Whether the graph holds an integer MatMul, read without its weights (onnx, lazily: fp32/fp16 never need it)."""
-    import onnx
+    """Whether the graph names an integer MatMul op, by a scan of the file's bytes (no onnx needed: fp32/fp16 serving
+    stays without it). A weight that happened to hold the name would only cost an exact copy."""
+    import mmap
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return any(n.op_type in INTEGER_MATMULS for n in graph.node)
+    if onnx_path.stat().st_size == 0:
+        return False  # ONNX Runtime says what is wrong with an empty file
+    with open(onnx_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(b"MatMulInteger") >= 0
