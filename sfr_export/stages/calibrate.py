@@ -410,7 +410,7 @@ class CpuCandidate:
 
 
 def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[str], *,
-                   last_token: bool = False) -> list[CpuCandidate]:
+                   last_token: bool = False, rotate: bool = True) -> list[CpuCandidate]:
     """The CPU form's candidates, fastest first. Measured on real SmolLM2, B8 x L128, one thread, against torch fp32
     eager: ``row8`` ~2.5-2.9x, ``row8`` rotated ~2.2-2.5x (docs/int8.md), ``nbits8`` ~0.9x. ``row8`` (per-token
     activation scales) fails where activation outliers sit inside a token (real SmolLM2: channel outliers and the
@@ -423,7 +423,9 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     rot = frozenset(n for n in names if not n.endswith(CPU_ROTATION_SKIP))
     rotated = (CpuCandidate("row8 rotated, pooled rows exact", {n: "row8" for n in names}, rot, pooled_exact=True)
                if last_token else CpuCandidate("row8 rotated", {n: "row8" for n in names}, rot))
-    out = [CpuCandidate("row8", {n: "row8" for n in names}), rotated]
+    # rotate (--rotation on): opt-in, because on real SmolLM2 the build's rotated candidates realized ΔSp -0.32 on
+    # all 1,379 STSB test pairs (expected -0.05 on dev; docs/int8.md): past the 0.3 target, though within noise
+    out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([rotated] if rotate else [])
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
     if w8a8 and len(w8a8) < len(names) and w8a8 != set(names) - few:
@@ -478,7 +480,8 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     w8a8 = {n for n, m in sel.modes.items() if m == "w8a8"}
     tries = []
     cand = None
-    for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token):
+    for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token,
+                               rotate=inp.cfg.rotate()):
         progress(f"CPU int8 form: trying {cand.label}")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
