@@ -29,8 +29,8 @@ def calibrate(
     pairs: Optional[int] = typer.Option(None, help="Use only the first N held-out scored STS pairs (default: all)."),
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
-    rotation: str = typer.Option("off", help="on: rotate the Q/DQ form's linear inputs online (the CPU form "
-                                 "tries rotated candidates either way); see docs/int8.md. off | on."),
+    rotation: str = typer.Option("off", help="on: rotate the linear inputs online, in the Q/DQ form and in the "
+                                 "CPU form's rotated candidates; see docs/int8.md. off | on."),
     prefix_float: int = typer.Option(0, help="W8A8: keep the first N positions' activations float."),
     force: bool = typer.Option(False, help="Redo even if up to date."),
 ) -> None:

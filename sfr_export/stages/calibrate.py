@@ -57,8 +57,8 @@ class CalibrateConfig:
     batch_size: int = 8
     pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
     reference_dtype: str = "auto"  # torch model used for calibration + reference: float32 | bfloat16 | auto
-    # online rotations of the Q/DQ form's linear inputs (sfr_export.quant.rotation; the CPU form tries its rotated
-    # candidates either way), opt-in: "on" rotates the torch model (fp32 reference; the fold is proven at
+    # online rotations of the linear inputs (sfr_export.quant.rotation; the CPU form then tries its rotated
+    # candidates too), opt-in: "on" rotates the torch model (fp32 reference; the fold is proven at
     # min cos >= 0.99999). Off by default:
     # on real SmolLM2 both rotated forms reach cos 0.9982-0.9986 / p1 0.9963-0.9965 on all 1379 STSB test pairs but
     # dSpearman -0.81 / -0.83 (noise floor 0.21-0.25), which the 100-pair gate cannot see (docs/int8.md)
