@@ -5,7 +5,7 @@ sample the recipe (leakage-guarded), rotate the linear inputs online (``--rotati
 SmoothQuant (either fold checked at min cos >= 0.99999), observe linear inputs, per-layer sensitivity and fidelity-targeted mixed precision (W8A8 / weight-only int8 / float), then write
 - ``onnx/int8/model.onnx``: standard-ONNX Q/DQ for TensorRT (see ``sfr_export.quant.qdq``);
 - ``onnx/int8-cpu/model.onnx``: ONNX Runtime's int8 contrib ops, the fastest candidate that meets the targets:
-  per-token dynamic activations (``MatMulIntegerToFloat``), plain then with rotated inputs, else ``MatMulNBits`` 8-bit block 32 with int8 compute,
+  per-token dynamic activations (``MatMulIntegerToFloat``), plain, then (``--rotation on``) with rotated inputs, else ``MatMulNBits`` 8-bit block 32 with int8 compute,
   else the latter with the most sensitive MatMuls in float (see :func:`cpu_candidates`);
 and measure both with ONNX Runtime against the PyTorch fp32 reference on held-out texts and scored STS pairs.
 """
