@@ -40,6 +40,17 @@ def u8s8_saturates(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_vnni" not in flags and "avx_vnni" not in flags
 
 
+# Q/DQ graphs (the ``int8`` form): ORT fuses QuantizeLinear/DequantizeLinear around a MatMul into the same u8 x s8
+# integer kernels, so on such a CPU they are run as written instead: DequantizeLinear, then a float MatMul (exact
+# Q/DQ arithmetic, float speed; the form is TensorRT's, ORT runs it to measure it)
+EXACT_QDQ_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+
+
+def exact_session_config(config: dict[str, str], saturates: bool) -> dict[str, str]:
+    """``config`` plus, where the u8 x s8 GEMM saturates, the entry that keeps ORT from fusing Q/DQ into it."""
+    return {**EXACT_QDQ_SESSION_CONFIG, **config} if saturates else dict(config)
+
+
 def _s8_weights(graph: Any) -> dict[str, list[Any]]:
     """The int8 initializers read as B by an integer MatMul, with the nodes that read them."""
     from onnx import TensorProto

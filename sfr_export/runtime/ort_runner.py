@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError
-from .ort_int8 import exact_integer_form, u8s8_saturates
+from .ort_int8 import exact_integer_form, exact_session_config, u8s8_saturates
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class OrtRunner(Runner):
         if not self.onnx_path.is_file():
             raise ArtifactError(f"ONNX model {self.onnx_path} is missing")
         opts = ort.SessionOptions()
-        for k, v in self.session_config.items():
+        for k, v in exact_session_config(self.session_config, self._saturates()).items():
             opts.add_session_config_entry(k, str(v))
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads

@@ -85,3 +85,37 @@ def test_the_cpu_flags_decide(tmp_path):
     vnni.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n")
     avx2.write_text("flags\t\t: fpu sse avx avx2\n")
     assert not u8s8_saturates(vnni) and u8s8_saturates(avx2) and u8s8_saturates(tmp_path / "absent")
+
+
+def test_qdq_graphs_run_as_written_where_the_integer_gemm_saturates(tmp_path):
+    """The ``int8`` (Q/DQ) form: ORT fuses Q -> DQ -> MatMul <- DQ into its u8 x s8 GEMM unless told not to. Where that
+    GEMM saturates the runner's session config keeps the Q/DQ arithmetic as written (DequantizeLinear, float MatMul),
+    which equals the int8 products exactly; elsewhere the config is left as the artifact recorded it."""
+    from sfr_export.runtime.ort_int8 import EXACT_QDQ_SESSION_CONFIG, exact_session_config
+
+    rng = np.random.default_rng(1)
+    qw = rng.choice([-127, -120, 120, 127], (K, N)).astype(np.int8)
+    sw = rng.uniform(0.01, 0.02, N).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+         helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=1),
+         helper.make_node("MatMul", ["xd", "wd"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(qw, "w"), numpy_helper.from_array(sw, "sw"),
+         helper.make_tensor("zw", TensorProto.INT8, [N], [0] * N),
+         helper.make_tensor("sx", TensorProto.FLOAT, [], [0.5]), helper.make_tensor("zx", TensorProto.INT8, [], [0])])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    qx = rng.choice([-127, 127], (M, K))  # full-range int8 activations: pairs of products far past int16
+    ref = (qx.astype(np.float64) * 0.5) @ (qw.astype(np.float64) * sw)
+    config = {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert exact_session_config(config, saturates=False) == config
+    exact = exact_session_config(config, saturates=True)
+    assert exact == {**config, **EXACT_QDQ_SESSION_CONFIG}
+    o = ort.SessionOptions()
+    for k, v in exact.items():
+        o.add_session_config_entry(k, v)
+    y = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"]).run(None, {"x": (qx * 0.5).astype(np.float32)})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-3)
