@@ -8,7 +8,11 @@ batches by length) and compares with the torch fp32 reference:
 - ``w8`` / ``a8`` / ``w8a8``: per-output-channel int8 weights and/or per-token symmetric int8 activations
   (``row8``'s arithmetic) on every linear, optionally after the calibrate stage's online rotation (every linear
   input except ``o_proj``'s) with a given seed, optionally with position 0 (the attention-sink token, whose
-  activations reach |x| ~ 3,250) left float; ``@q_proj/k_proj`` limits a row to the linears so named.
+  activations reach |x| ~ 3,250) left float, optionally with each text's pooled row left float (``+last``);
+  ``@q_proj/k_proj`` limits a row to the linears so named;
+- ``+static``: TensorRT's int8 instead, one static per-tensor scale per linear input (abs-max over the build's own
+  calibration texts, recipe ``default`` with the CI's 64 samples, past position 0 with ``+pos0``); ``+rotall``
+  rotates every linear input, ``o_proj``'s too, as the Q/DQ form does.
 
 For each row it also reports the build gate's statistics (``sfr_export.quant.sensitivity``): the **noise floor** of
 the realized ΔSpearman (the candidate's own per-text error vectors re-assigned to texts at random, std over the
@@ -51,6 +55,8 @@ class Lever:
     pos0_float: bool = False
     last_float: bool = False  # +last: each text's last attended position (the pooled token) keeps float activations
     block: int = 0  # +g32 / +g64 / +g128: activation scales per token and per block of channels (MatMulNBits' int8 compute)
+    static: bool = False  # +static: one static per-tensor scale per linear input (TensorRT's int8), from the build's recipe
+    rotate_all: bool = False  # +rotall: rotate every linear input, o_proj's too (what the Q/DQ form rotates)
     only: tuple[str, ...] = ()  # quantize only the linears whose name contains one of these ("@down_proj/up_proj")
 
     @classmethod
@@ -60,10 +66,13 @@ class Lever:
         if base in ("bf16", "fp16"):
             return cls(name, dtype={"bf16": "bfloat16", "fp16": "float16"}[base])
         blocks = {f"g{b}": b for b in (32, 64, 128)}
-        if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "pos0", "last", *blocks}:
-            raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot, +pos0, +last, +g32|g64|g128")
-        return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate="rot" in opts, pos0_float="pos0" in opts,
-                   last_float="last" in opts, block=max([blocks[o] for o in opts if o in blocks], default=0), only=tuple(x for x in only.split("/") if x))
+        if base not in ("w8", "a8", "w8a8") or not set(opts) <= {"rot", "rotall", "pos0", "last", "static", *blocks}:
+            raise SystemExit(f"unknown row {name!r}: fp16, bf16, or w8|a8|w8a8 with +rot|rotall, +pos0, +last, "
+                             "+static, +g32|g64|g128")
+        return cls(name, weights="w8" in base, acts=base.endswith("a8"), rotate=bool({"rot", "rotall"} & set(opts)),
+                   pos0_float="pos0" in opts, last_float="last" in opts, static="static" in opts,
+                   rotate_all="rotall" in opts, block=max([blocks[o] for o in opts if o in blocks], default=0),
+                   only=tuple(x for x in only.split("/") if x))
 
     def matches(self, linear: str) -> bool:
         return not self.only or any(x in linear for x in self.only)
@@ -74,16 +83,19 @@ def parse_row(row: str) -> tuple[Lever, ...]:
     return tuple(Lever.parse(x) for x in row.split(";"))
 
 
-def _fake_act(x: Any, lever: Lever, last: Any) -> Any:
-    """Per-token (or per-token-per-block) symmetric int8 of a linear's input; ``last``: each row's pooled position."""
+def _fake_act(x: Any, lever: Lever, last: Any, threshold: float | None = None) -> Any:
+    """Per-token (or per-token-per-block, or static per-tensor at ``threshold``) symmetric int8 of a linear's input;
+    ``last``: each row's pooled position."""
     import torch
+
+    from sfr_export.quant.observe import act_scale
 
     k, block = x.shape[-1], lever.block
     xb = x
     if block:  # the last block zero-padded, as MatMulNBits pads K
         xb = torch.nn.functional.pad(x, (0, -k % block))
         xb = xb.reshape(*xb.shape[:-1], -1, block)
-    s = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / QMAX
+    s = act_scale(threshold) if lever.static else xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / QMAX
     xq = (torch.clamp(torch.round(xb / s), -QMAX, QMAX) * s).flatten(-2)[..., :k] if block else \
         torch.clamp(torch.round(xb / s), -QMAX, QMAX) * s
     if lever.pos0_float and x.dim() == 3:
@@ -95,7 +107,7 @@ def _fake_act(x: Any, lever: Lever, last: Any) -> Any:
 
 
 @contextlib.contextmanager
-def fake_quant(model: Any, levers: tuple[Lever, ...]) -> Iterator[None]:
+def fake_quant(model: Any, levers: tuple[Lever, ...], thresholds: dict[str, float] | None = None) -> Iterator[None]:
     """Per-channel int8 weights (swapped in for the forward) and per-token int8 activations, each linear by the last
     lever of the row that matches it."""
     from sfr_export.quant.observe import linear_modules
@@ -117,7 +129,8 @@ def fake_quant(model: Any, levers: tuple[Lever, ...]) -> Iterator[None]:
             handles.append((m, orig))
         if lever.acts:
             handles.append(m.register_forward_pre_hook(
-                lambda _m, a, lv=lever: (_fake_act(a[0], lv, state.get("last")), *a[1:])))
+                lambda _m, a, lv=lever, n=name: (_fake_act(a[0], lv, state.get("last"), (thresholds or {}).get(n)),
+                                                 *a[1:])))
     try:
         yield
     finally:
@@ -181,9 +194,12 @@ def main() -> None:
         for seed in ([int(s) for s in args.seeds.split(",")] if rotate else [None]):
             m = model if dtype == "float32" and not rotate else _copy(model, dtype)
             if rotate:
-                rotate_model(m, [n for n in linear_modules(m) if not n.endswith(CPU_ROTATION_SKIP)], seed=seed)
+                everything = any(lv.rotate_all for lv in levers)
+                rotate_model(m, [n for n in linear_modules(m) if everything or not n.endswith(CPU_ROTATION_SKIP)], seed=seed)
             t = time.time()
-            with fake_quant(m, levers), torch.inference_mode():
+            thresholds = _static_thresholds(m, tt, spec, any(lv.pos0_float for lv in levers)) \
+                if any(lv.static for lv in levers) else None
+            with fake_quant(m, levers, thresholds), torch.inference_mode():
                 cand = torch_embedder(m, spec)(batches)
             row = _row(name + ("" if seed is None else f" seed {seed}"), ref, cand, gold, time.time() - t)
             res["rows"].append(row)
@@ -191,6 +207,19 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del m
     Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+def _static_thresholds(model: Any, tt: Any, spec: Any, skip_first: bool) -> dict[str, float]:
+    """Per-linear activation abs-max on the build's own calibration texts (recipe ``default``, the CI's 64 samples),
+    attended tokens only, past position 0 when it stays float: the ranges the Q/DQ form's static scales come from."""
+    from sfr_export.quant import observe as obs
+    from sfr_export.quant.recipe import load_recipe, sample_recipe
+    from sfr_export.stages.calibrate import make_batches
+
+    cs = sample_recipe(load_recipe("default", samples=64, holdout=24), tt, spec)
+    batches = [(b.input_ids, b.attention_mask) for b in make_batches(tt, [c.text for c in cs.calibration], 8)]
+    names = list(obs.linear_modules(model))
+    return obs.observe(model, batches, names, obs.ObserveConfig(method="minmax", skip_prefix=int(skip_first)))[1]
 
 
 def _copy(model: Any, dtype: str) -> Any:
