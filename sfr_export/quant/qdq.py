@@ -181,6 +181,9 @@ class QuantPlan:
     # w8a8: the first ``prefix_float`` positions (axis 1) skip activation quantization: the MatMul is split into a
     # float-activation MatMul on them (same int8 weight) and a Q/DQ MatMul on the rest, concatenated (right padding)
     prefix_float: int = 0
+    # w8a8: each text's pooled position (as for ``pooled_exact``) keeps float activations: that row goes through the
+    # same dequantized int8 weight in a float MatMul on B rows and overwrites its Q/DQ result (GatherND, ScatterND)
+    pooled_float: bool = False
     # row8: each text's pooled position (the last attended one, as last-token pooling takes it) gets a second int8
     # digit, the per-token rounding residual quantized again, through the same int8 weight: that row's activations
     # are then ~15-bit exact, for one more MatMulIntegerToFloat on B rows and a ScatterND per MatMul
@@ -275,14 +278,31 @@ def _act_w8a8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
         nodes.append(helper.make_node("DequantizeLinear", [f"{pre}_q", f"{pre}_scale", f"{pre}_zp"], [f"{pre}_dq"], name=f"{pre}_DQ"))
         e.shared[a] = f"{pre}_dq"
         e.qdq_pairs += 1
-    if not p:
-        n.input[0] = e.shared[a]
-        return n
     w = e.replaced.get(n.input[1], n.input[1])
     out = n.output[0]
-    nodes += [helper.make_node("MatMul", [e.shared[f"head:{a}"], w], [f"{out}_head"], name=f"{n.name}_head"),
-              helper.make_node("MatMul", [e.shared[a], w], [f"{out}_tail"], name=f"{n.name}_tail")]
-    return helper.make_node("Concat", [f"{out}_head", f"{out}_tail"], [out], name=f"{n.name}_concat", axis=1)
+    if not p:
+        q = helper.make_node("MatMul", [e.shared[a], w], [out], name=n.name)
+    else:
+        nodes += [helper.make_node("MatMul", [e.shared[f"head:{a}"], w], [f"{out}_head"], name=f"{n.name}_head"),
+                  helper.make_node("MatMul", [e.shared[a], w], [f"{out}_tail"], name=f"{n.name}_tail")]
+        q = helper.make_node("Concat", [f"{out}_head", f"{out}_tail"], [out], name=f"{n.name}_concat", axis=1)
+    return _pooled_float(e, q, a, w, nodes) if e.plan.pooled_float else q
+
+
+def _pooled_float(e: _Edit, q: Any, a: str, w: str, nodes: list[Any]) -> Any:
+    """The pooled rows of W8A8 output ``q``, recomputed from float activation ``a`` through weight ``w``."""
+    from onnx import helper
+
+    _pooled_index(e, nodes)
+    out = q.output[0]
+    q.output[0] = f"{out}_q8"
+    nodes.append(q)
+    if f"pooled:{a}" not in e.shared:
+        nodes.append(helper.make_node("GatherND", [a, "sfr_pooled_idx"], [f"{a}_pooled"], name=f"{a}_GatherPooled"))
+        e.shared[f"pooled:{a}"] = f"{a}_pooled"
+    nodes.append(helper.make_node("MatMul", [e.shared[f"pooled:{a}"], w], [f"{out}_pooled"], name=f"{q.name}_pooled"))
+    return helper.make_node("ScatterND", [f"{out}_q8", "sfr_pooled_idx", f"{out}_pooled"], [out],
+                            name=f"{q.name}_pooled_scatter")
 
 
 def _act_nbits8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
@@ -335,9 +355,13 @@ def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
 
 
 def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
-    """``sfr_pooled_idx`` [B, 2]: (row, last attended position), argmax(mask * position) as the pooling takes it."""
+    """``sfr_pooled_idx`` [B, 2]: (row, last attended position), argmax(mask * position) as the pooling takes it
+    (made once per graph)."""
     from onnx import TensorProto, helper
 
+    if "sfr_pooled_idx" in e.shared:
+        return
+    e.shared["sfr_pooled_idx"] = "sfr_pooled_idx"
     e.new_inits += [helper.make_tensor("sfr_pi_0", TensorProto.INT64, [], [0]),
                     helper.make_tensor("sfr_pi_1", TensorProto.INT64, [], [1]),
                     helper.make_tensor("sfr_pi_ax1", TensorProto.INT64, [1], [1])]
@@ -359,10 +383,10 @@ def _pooled_digit(e: _Edit, p: str, nodes: list[Any]) -> None:
     1/254 times the row's (``{p}_d2_scale`` [B, 1])."""
     from onnx import TensorProto, helper
 
-    if "sfr_pooled_idx" not in e.shared:
+    if "sfr_d2_step" not in e.shared:
         _pooled_index(e, nodes)
         e.new_inits += [helper.make_tensor("sfr_d2_step", TensorProto.FLOAT, [], [0.5 / QMAX])]
-        e.shared["sfr_pooled_idx"] = "sfr_pooled_idx"
+        e.shared["sfr_d2_step"] = "sfr_d2_step"
     d = f"{p}_d2"
     nodes += [helper.make_node("GatherND", [f"{p}_x", "sfr_pooled_idx"], [f"{d}_x"], name=f"{d}_GatherX"),
               helper.make_node("Round", [f"{d}_x"], [f"{d}_q1"], name=f"{d}_Round"),
@@ -488,8 +512,8 @@ def qdq_summary(path: Path) -> dict[str, Any]:
 
 def w8a8_mac_share(path: Path) -> dict[str, Any]:
     """From the Q/DQ graph alone: the share of linear multiply-adds (per token, ``K x N`` of each MatMul with a
-    dequantized int8 weight) whose activation input is Q/DQ too (W8A8). A linear split by ``prefix_float`` counts
-    once, by its Q/DQ part (every token but the prefix)."""
+    dequantized int8 weight) whose activation input is Q/DQ too (W8A8). A linear split by ``prefix_float`` or
+    ``pooled_float`` counts once, by its Q/DQ part (every token but the prefix and the pooled rows)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
@@ -499,7 +523,7 @@ def w8a8_mac_share(path: Path) -> dict[str, Any]:
     linears = 0
     for n in m.graph.node:
         b = prod.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in inits or n.name.endswith("_head"):
+        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in inits or n.name.endswith(("_head", "_pooled")):
             continue
         k, nn = (int(d) for d in inits[b.input[0]].dims)
         a = prod.get(n.input[0])

@@ -133,14 +133,28 @@ def fake_weight(w: Any) -> Any:
     return torch.clamp(torch.round(w / s), -QMAX, QMAX) * s
 
 
+def pooled_rows(mask: Any) -> Any:
+    """Each text's pooled position, the last attended one as last-token pooling takes it: argmax(mask * position)."""
+    import torch
+
+    return (mask.long() * torch.arange(mask.shape[1])).argmax(1)
+
+
 @contextlib.contextmanager
-def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float], prefix: int = 0) -> Iterator[None]:
+def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float], prefix: int = 0,
+               pooled: bool = False) -> Iterator[None]:
     """Temporarily quantize linears per ``modes`` (weights swapped in one layer at a time, inside its forward);
-    W8A8 inputs keep their first ``prefix`` positions float (as the Q/DQ graph does)."""
+    W8A8 inputs keep their first ``prefix`` positions float, and with ``pooled`` each text's pooled row (as the
+    Q/DQ graph does; the model must be called with an ``attention_mask`` keyword)."""
     import torch
 
     mods = linear_modules(model)
-    handles = []
+    state: dict[str, Any] = {}
+
+    def grab_mask(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        state["last"] = pooled_rows(kwargs["attention_mask"])
+
+    handles = [model.register_forward_pre_hook(grab_mask, with_kwargs=True)] if pooled else []
 
     def pre(name: str, mode: str):
         def fn(mod: Any, args: tuple[Any, ...]) -> Any:
@@ -152,6 +166,9 @@ def fake_quant(model: Any, modes: dict[str, str], thresholds: dict[str, float], 
                 xq = torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
                 if prefix and x.dim() == 3:
                     xq = torch.cat([x[:, :prefix], xq[:, prefix:]], dim=1)
+                if pooled and x.dim() == 3:
+                    rows = torch.arange(x.shape[0])
+                    xq[rows, state["last"]] = x[rows, state["last"]]
                 return (xq, *args[1:])
             return None
         return fn
@@ -183,6 +200,7 @@ class Evaluator:
     pairs_ref: np.ndarray | None = None
     calls: int = 0
     prefix: int = 0  # leading positions W8A8 keeps float (see fake_quant)
+    pooled: bool = False  # W8A8 keeps each text's pooled row float (see fake_quant)
 
     def reference(self) -> None:
         self.ref = self.embed(self.holdout_batches)
@@ -193,7 +211,7 @@ class Evaluator:
         assert self.ref is not None, "call reference() first"
         self.calls += 1
         hb = self.holdout_batches if subset is None else self.holdout_batches[:subset]
-        with fake_quant(model, modes, thresholds, self.prefix):
+        with fake_quant(model, modes, thresholds, self.prefix, self.pooled):
             cand = self.embed(hb)
             pc = self.embed(self.pair_batches) if (pairs and self.pair_batches) else None
         ref = self.ref[: len(cand)]
