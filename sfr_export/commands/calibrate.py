@@ -29,9 +29,13 @@ def calibrate(
     pairs: Optional[int] = typer.Option(None, help="Use only the first N held-out scored STS pairs (default: all)."),
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
-    rotation: str = typer.Option("off", help="on: rotate the linear inputs online, in the Q/DQ form and in the "
-                                 "CPU form's rotated candidates; see docs/int8.md. off | on."),
-    prefix_float: int = typer.Option(0, help="W8A8: keep the first N positions' activations float."),
+    rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (the Q/DQ form of "
+                                 "last-token models) | on (also the CPU form's rotated candidates) | off; see "
+                                 "docs/int8.md."),
+    prefix_float: Optional[int] = typer.Option(None, help="W8A8: keep the first N positions' activations float "
+                                               "(default: 1 when the Q/DQ form is rotated, else 0)."),
+    pooled_float: bool = typer.Option(True, help="W8A8, last-token models: keep each text's pooled row's "
+                                      "activations float (one float MatMul on B rows per linear)."),
     force: bool = typer.Option(False, help="Redo even if up to date."),
 ) -> None:
     """Calibrate on task-mixed data and write int8 ONNX variants ("int8": Q/DQ, "int8-cpu": CPU contrib ops)."""
@@ -43,7 +47,7 @@ def calibrate(
                           target_spearman_delta=target_spearman, max_float_fraction=max_float_fraction,
                           w8a8=not no_w8a8, cpu_form=not no_cpu_form, samples=samples, holdout=holdout, seed=seed,
                           pairs=pairs, reference_dtype=reference_dtype, rotation=rotation,
-                          prefix_float=prefix_float)
+                          prefix_float=prefix_float, pooled_float=pooled_float)
     with writer_lock(directory):
         recs = run_with_spinner("calibrate", lambda say: run_calibrate(directory, cfg, force=force, on_progress=say))
     print_json([{"stage": r.name, "status": r.status, "reason": r.reason, "artifacts": [a.path for a in r.artifacts],

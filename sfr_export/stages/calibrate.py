@@ -5,7 +5,8 @@ sample the recipe (leakage-guarded), rotate the linear inputs online (``--rotati
 SmoothQuant (either fold checked at min cos >= 0.99999), observe linear inputs, per-layer sensitivity and fidelity-targeted mixed precision (W8A8 / weight-only int8 / float), then write
 - ``onnx/int8/model.onnx``: standard-ONNX Q/DQ for TensorRT (see ``sfr_export.quant.qdq``);
 - ``onnx/int8-cpu/model.onnx``: ONNX Runtime's int8 contrib ops, the fastest candidate that meets the targets:
-  per-token dynamic activations (``MatMulIntegerToFloat``), plain, then (``--rotation on``) with rotated inputs, else ``MatMulNBits`` 8-bit block 32 with int8 compute,
+  per-token dynamic activations (``MatMulIntegerToFloat``), plain, then (``--rotation on``) with rotated inputs, else
+  ``MatMulNBits`` 8-bit block 32 with int8 compute,
   else the latter with the most sensitive MatMuls in float (see :func:`cpu_candidates`);
 and measure both with ONNX Runtime against the PyTorch fp32 reference on held-out texts and scored STS pairs.
 """
@@ -57,17 +58,23 @@ class CalibrateConfig:
     batch_size: int = 8
     pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
     reference_dtype: str = "auto"  # torch model used for calibration + reference: float32 | bfloat16 | auto
-    # online rotations of the linear inputs (sfr_export.quant.rotation; the CPU form then tries its rotated
-    # candidates too), opt-in: "on" rotates the torch model (fp32 reference; the fold is proven at
-    # min cos >= 0.99999). Off by default:
-    # on real SmolLM2 both rotated forms reach cos 0.9982-0.9986 / p1 0.9963-0.9965 on all 1379 STSB test pairs but
-    # dSpearman -0.81 / -0.83 (noise floor 0.21-0.25), which the 100-pair gate cannot see (docs/int8.md)
-    rotation: str = "off"
+    # online rotations of the linear inputs (sfr_export.quant.rotation; the torch model is rotated, the fold proven
+    # at min cos >= 0.99999): "auto" rotates the Q/DQ (TensorRT) form of last-token models, with the first position
+    # and the pooled row float, so that its static per-tensor scales hold: on real SmolLM2 the build then runs 207 of
+    # 210 linears W8A8 (98.5% of the MACs), cos 0.9989 on held-out texts (docs/int8.md); without rotation SmolLM2's
+    # Q/DQ form is weight-only. "on" also tries the CPU form's rotated candidates, which stay opt-in: the build's
+    # rotated CPU form realized dSpearman -0.32 on all 1,379 STSB test pairs (expected -0.05 on dev). "off": neither
+    rotation: str = "auto"
     # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
     # and are left out of the static ranges: a causal decoder's first token carries the massive activations
-    # (|x| ~ 3250 at real SmolLM2's down_proj input) that would otherwise set every per-tensor scale. Measured with
-    # --rotation on: 193 of 210 SmolLM2 linears W8A8 (92.8% of the MACs)
-    prefix_float: int = 0
+    # (|x| ~ 3250 at real SmolLM2's down_proj input) that would otherwise set every per-tensor scale. None: 1 when the
+    # Q/DQ form is rotated, else 0
+    prefix_float: int | None = None
+    # W8A8 (TensorRT form), last-token models: each text's pooled row keeps float activations (one float MatMul on
+    # B rows per linear, through the same int8 weight). The pooled row's own error reaches the embedding directly;
+    # measured on real SmolLM2 (torch, all 1379 STSB test pairs, rotated, first position float, every linear W8A8
+    # with static per-tensor scales): cos 0.99908, dSpearman -0.19 (expected -0.16); without it 0.99749, -1.33
+    pooled_float: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -80,20 +87,31 @@ class CalibrateConfig:
             raise UserInputError(f"w8a8_margin must be in [0, 1), got {self.w8a8_margin}")
         if not 0.0 <= self.max_float_fraction <= 1.0:
             raise UserInputError(f"max_float_fraction must be in [0, 1], got {self.max_float_fraction}")
-        if self.prefix_float < 0:
-            raise UserInputError(f"prefix_float must be >= 0, got {self.prefix_float}")
+        if self.prefix_float is not None and self.prefix_float < 0:
+            raise UserInputError(f"--prefix-float must be >= 0, got {self.prefix_float}")
         if self.batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reference_dtype not in ("auto", "float32", "bfloat16"):
             raise UserInputError(f"--reference-dtype must be auto, float32 or bfloat16, got {self.reference_dtype!r}")
-        if self.rotation not in ("on", "off"):
-            raise UserInputError(f"--rotation must be on or off, got {self.rotation!r}")
+        if self.rotation not in ("auto", "on", "off"):
+            raise UserInputError(f"--rotation must be auto, on or off, got {self.rotation!r}")
         if self.rotation == "on" and self.alpha() is not None:
             raise UserInputError("--rotation on and --smoothquant are alternatives (both move outliers); pick one")
         self.alpha()
 
-    def rotate(self) -> bool:
+    def rotate(self, last_token: bool) -> bool:
+        """Is the torch model (and so the Q/DQ form) rotated? "auto": for last-token models without SmoothQuant."""
+        return self.rotation == "on" or (self.rotation == "auto" and last_token and self.alpha() is None)
+
+    def rotate_cpu(self) -> bool:
+        """Does the CPU form try its rotated candidates? Only with "on" (see ``rotation``)."""
         return self.rotation == "on"
+
+    def prefix(self, last_token: bool) -> int:
+        """Leading positions the W8A8 MatMuls keep float."""
+        if self.prefix_float is not None:
+            return self.prefix_float
+        return 1 if self.rotate(last_token) else 0
 
     def torch_dtype_for(self, fp32_bytes: int) -> str:
         """auto: fp32 up to AUTO_BF16_BYTES of fp32 weights, bf16 above (a 7B in fp32 alone is ~29 GB)."""
@@ -248,10 +266,15 @@ def _load_model(inp: _Inputs, job: dict[str, Any]) -> None:
         if not torch.isfinite(linears[n].weight.detach()).all():
             raise CalibrationError(f"weight of {n} is not finite")
     inp.ev = sens.Evaluator(embed=torch_embedder(inp.model, ModelSpec.from_dict(job["spec"])), holdout_batches=inp.hold_b,
-                            pair_batches=inp.pair_b, gold=inp.gold, prefix=inp.cfg.prefix_float)
+                            pair_batches=inp.pair_b, gold=inp.gold, prefix=inp.cfg.prefix(inp.last_token),
+                            pooled=_pooled_float(inp))
     inp.ev.reference()
     inp.figures.update({"matmuls_mapped": len(inp.mapping), "linears_in_model": len(linears), "reference_dtype": ref_dtype,
                         "fp32_weight_bytes": fp32_bytes})
+
+
+def _pooled_float(inp: _Inputs) -> bool:
+    return inp.cfg.pooled_float and inp.last_token
 
 
 def _check_fold(inp: _Inputs, what: str) -> dict[str, float]:
@@ -285,7 +308,7 @@ def _observe(inp: _Inputs) -> tuple[dict[str, Any], dict[str, float], dict[str, 
     names, cfg, model = list(inp.mapping), inp.cfg, inp.model
     batches = [(b.input_ids, b.attention_mask) for b in inp.calib_b]
     progress(f"observing {len(names)} linear inputs on {len(inp.calib_b)} batches")
-    skip = cfg.prefix_float
+    skip = cfg.prefix(inp.last_token)
     stats, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method="minmax", skip_prefix=skip),
                                     seed=inp.recipe.seed)
     inp.figures["activation_absmax_top"] = dict(sorted(((n, round(v, 2)) for n, v in thresholds.items()), key=lambda kv: -kv[1])[:8])
@@ -321,7 +344,8 @@ def _write_qdq(inp: _Inputs, sel: Any, thresholds: dict[str, float], norm_update
     progress("writing the Q/DQ model")
     return qdq.build_quantized(inp.src, qdir / "model.onnx", inp.mapping,
                                qdq.QuantPlan(sel.modes, thresholds, rotations=inp.rotations,
-                                             prefix_float=inp.cfg.prefix_float),
+                                             prefix_float=inp.cfg.prefix(inp.last_token),
+                                             pooled_float=_pooled_float(inp)),
                                weight_of=lambda n: mods[n].weight.detach().float().numpy(),
                                bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().float().numpy(),
                                norm_updates=norm_updates)
@@ -336,7 +360,7 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
     inp = _load_inputs(job)
     _load_model(inp, job)
     cfg, figures = inp.cfg, inp.figures
-    if cfg.rotate():
+    if cfg.rotate(inp.last_token):
         _rotate(inp)
     stats, thresholds, norm_updates = _observe(inp)
     names = list(inp.mapping)
@@ -348,7 +372,8 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
                                   "torch_fidelity": sel.fidelity.to_dict(), "history": sel.history, "sensitivity": sel.sensitivity_kind,
                                   "float": {n: r for n, r in sel.float_reasons.items() if sel.modes[n] == "float"},
                                   "w8a8": sorted(n for n, m in sel.modes.items() if m == "w8a8"),
-                                  "w8a8_mac_share": mac_share(inp.model, sel.modes, "w8a8")}
+                                  "w8a8_mac_share": mac_share(inp.model, sel.modes, "w8a8"),
+                                  "pooled_rows_float": _pooled_float(inp)}
     info = _write_qdq(inp, sel, thresholds, norm_updates)
     result: dict[str, Any] = {"figures": figures, "int8": {"build": info, "modes": sel.modes}}
     inp.ev.embed = None  # its closure holds the torch model
@@ -481,7 +506,7 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     tries = []
     cand = None
     for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token,
-                               rotate=inp.cfg.rotate()):
+                               rotate=inp.cfg.rotate_cpu()):
         progress(f"CPU int8 form: trying {cand.label}")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
