@@ -16,6 +16,7 @@ import pytest
 from sfr_export.eval.loaders import Limits, load_stsb_csv
 from sfr_export.eval.sts import evaluate_sts
 from sfr_export.artifact import Manifest
+from sfr_export.quant.qdq import w8a8_mac_share
 from sfr_export.tensorrt.qdq_check import check_qdq
 from sfr_export.runtime import Embedder
 from sfr_export.stages.calibrate import CalibrateConfig, run_calibrate
@@ -63,3 +64,9 @@ def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
     assert q.config["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     report = check_qdq(root / "onnx" / "int8" / "model.onnx")
     assert report, report.summary()  # TensorRT's explicit-quantization rules
+    if model == "demo:smollm2" and q.status == "ok":
+        # a last-token decoder's TensorRT form is rotated, with the first position and the pooled row float, so that
+        # its static per-tensor scales hold: most multiply-adds run W8A8 (measured: 207 of 210 linears, 98.5%)
+        share = w8a8_mac_share(root / "onnx" / "int8" / "model.onnx")["w8a8_mac_share"]
+        print(f"{model} int8: W8A8 share of the linear multiply-adds {share:.3f}")
+        assert share >= 0.75 and q.figures["mixed_precision"]["pooled_rows_float"] and "rotation" in q.figures
