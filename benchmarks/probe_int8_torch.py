@@ -111,12 +111,12 @@ def fake_quant(model: Any, levers: tuple[Lever, ...], thresholds: dict[str, floa
     """Per-channel int8 weights (swapped in for the forward) and per-token int8 activations, each linear by the last
     lever of the row that matches it."""
     from sfr_export.quant.observe import linear_modules
-    from sfr_export.quant.sensitivity import fake_weight
+    from sfr_export.quant.sensitivity import fake_weight, pooled_rows
 
     state: dict[str, Any] = {}
 
-    def grab_mask(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:  # right padding: the last attended position
-        state["last"] = kwargs["attention_mask"].sum(1) - 1
+    def grab_mask(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:  # the last attended position
+        state["last"] = pooled_rows(kwargs["attention_mask"])
 
     handles = [model.register_forward_pre_hook(grab_mask, with_kwargs=True)]
     for name, m in linear_modules(model).items():
