@@ -109,6 +109,15 @@ def expand_candidates(art: Artifact, requested: tuple[str, ...] | None) -> list[
     return out
 
 
+def check_settings(art: Artifact, settings: CompareSettings) -> tuple[list[str], Candidate]:
+    """The candidates' names and the reference, or the error naming the argument (made before any work)."""
+    names = expand_candidates(art, settings.candidates)
+    ref_choice = art.resolve(settings.reference)
+    if isinstance(ref_choice, str):
+        raise BackendUnavailableError(f"reference '{settings.reference}' cannot run: {ref_choice}")
+    return names, ref_choice
+
+
 def open_backend(root: Path, cand: Candidate, *, batch_size: int, max_batch_tokens: int | None) -> Embedder:
     return Embedder.from_artifact(root, backend=cand.backend, variant=cand.variant, batch_size=batch_size,
                                   max_batch_tokens=max_batch_tokens)
@@ -154,10 +163,7 @@ def compare(root: Path, suite: Suite, settings: CompareSettings, *, data_dir: Pa
     art = Artifact.open(root)
     spec = art.spec()
     cache = cache or ReferenceCache(enabled=False)
-    names = expand_candidates(art, settings.candidates)
-    ref_choice = art.resolve(settings.reference)
-    if isinstance(ref_choice, str):
-        raise BackendUnavailableError(f"reference '{settings.reference}' cannot run: {ref_choice}")
+    names, ref_choice = check_settings(art, settings)
     say("loading suite data")
     ddir = suite.data_dir(data_dir)
     loaded = suite.load(data_dir)

@@ -98,6 +98,10 @@ class CalibrateConfig:
         if self.rotation == "on" and self.alpha() is not None:
             raise UserInputError("--rotation on and --smoothquant are alternatives (both move outliers); pick one")
         self.alpha()
+        if self.data is None:  # an unknown recipe is named before the output dir's lock is taken
+            from ..quant.recipe import resolve_recipe_path
+
+            resolve_recipe_path(self.recipe)
 
     def rotate(self, last_token: bool) -> bool:
         """Is the torch model (and so the Q/DQ form) rotated? "auto": for last-token models without SmoothQuant."""

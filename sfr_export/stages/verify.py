@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from typing import Any
 
 from ..errors import FidelityGateError, PathError, SfrExportError, UserInputError
 from ..eval.cache import ReferenceCache
-from ..eval.compare import CompareSettings, compare
+from ..eval.compare import CompareSettings, check_settings, compare
 from ..eval.gate import DEFAULT_THRESHOLDS, ThresholdOverrides, Thresholds, thresholds_from_table
 from ..eval.junit import render_junit
 from ..eval.report import build_report, render_markdown
 from ..eval.report_html import render_html
-from ..eval.suite import load_suite
-from ..artifact import ArtifactRecord, Manifest, StageRecord, atomic_dir, atomic_write_text, writer_lock
+from ..eval.suite import Suite, load_suite
+from ..artifact import Artifact, ArtifactRecord, Manifest, StageRecord, atomic_dir, atomic_write_text, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,10 @@ def run_verify(root: Path, config: VerifyConfig = VerifyConfig(), *, raise_on_fa
     reports and ``verify:<suite>`` record as they were and records the failure beside them in the manifest; a bad
     argument or input (``UserInputError``, found before the comparison starts) writes nothing at all."""
     root = Path(root)
-    Manifest.load(root)  # not an output dir: refused before the lock would create anything in it
+    suite = _preflight(root, config)
     with writer_lock(root):
         try:
-            result = _verify(root, config, on_progress)
+            result = _verify(root, config, suite, on_progress)
         except (FidelityGateError, UserInputError):
             raise
         except (SfrExportError, OSError) as exc:
@@ -178,8 +179,13 @@ def _check_writable(out_dir: Path) -> None:
     probe = out_dir
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise PathError(f"cannot write the reports: {probe} is not a writable directory")
+    if not probe.is_dir():
+        raise PathError(f"cannot write the reports: {probe} is not a directory")
+    try:  # a real write says why it cannot be (read-only file system, permissions), where os.access only says no
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PathError(f"cannot write the reports in {probe}: {exc.strerror}") from None
 
 
 def _write_reports(paths: dict[str, Path], texts: dict[str, str], *, own_dir: bool) -> None:
@@ -199,17 +205,35 @@ def _write_reports(paths: dict[str, Path], texts: dict[str, str], *, own_dir: bo
             (tmp / paths[kind].name).write_text(texts[kind], encoding="utf-8")
 
 
-def _verify(root: Path, config: VerifyConfig, on_progress: Callable[[str], None] | None) -> VerifyResult:
-    manifest = Manifest.load(root)
-    manifest.verify_base()  # spec.json and the tokenizer files: a damaged one is named before any work
-    out_dir = Path(config.report_dir) if config.report_dir is not None else root / REPORT_SUBDIR
-    _check_writable(out_dir)
+def _settings(config: VerifyConfig) -> CompareSettings:
+    return CompareSettings(reference=config.reference, candidates=config.candidates, batch_size=config.batch_size,
+                           max_batch_tokens=config.max_batch_tokens, time_budget_s=config.time_budget_s)
+
+
+def _out_dir(root: Path, config: VerifyConfig) -> Path:
+    return Path(config.report_dir) if config.report_dir is not None else root / REPORT_SUBDIR
+
+
+def _preflight(root: Path, config: VerifyConfig) -> Suite:
+    """Every argument check that needs no lock, made before taking it: a bad argument is named as such (not as
+    "another process is writing") and before any work. Not an output dir: refused before the lock would create
+    anything in it."""
+    Manifest.load(root)
+    _check_writable(_out_dir(root, config))
     if config.junit is not None:
         _check_writable(Path(config.junit).parent)
     suite = load_suite(config.suite)
+    check_settings(Artifact.open(root), _settings(config))
+    return suite
+
+
+def _verify(root: Path, config: VerifyConfig, suite: Suite,
+            on_progress: Callable[[str], None] | None) -> VerifyResult:
+    manifest = Manifest.load(root)
+    manifest.verify_base()  # spec.json and the tokenizer files: a damaged one is named before any work
+    out_dir = _out_dir(root, config)
     thresholds = config.thresholds_for()
-    settings = CompareSettings(reference=config.reference, candidates=config.candidates, batch_size=config.batch_size,
-                               max_batch_tokens=config.max_batch_tokens, time_budget_s=config.time_budget_s)
+    settings = _settings(config)
     cache = ReferenceCache(config.cache_dir, enabled=config.cache)
     cmp = compare(root, suite, settings, data_dir=config.data_dir, cache=cache, on_progress=on_progress)
     report = build_report(cmp, root=str(root), manifest_model=manifest.model, thresholds=thresholds)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reliability_helpers import CliResult, run_cli
+from sfr_export.artifact import writer_lock
 from sfr_export.models.demo import materialize_demo
 
 # (id, argv with {A} = a tiny artifact and {T} = a scratch dir, exit code, text the error line must contain)
@@ -111,7 +112,9 @@ def results(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         cid, argv, _, needle = case
         return cid, (run_cli(*[fill(a) for a in argv], timeout=240), fill(needle))
 
-    with ThreadPoolExecutor(4) as pool:
+    # the artifact's writer lock is held throughout: every usage error is found before a command would take it,
+    # so it is named as such even while another process writes the dir (and the cases cannot race each other)
+    with writer_lock(tiny_artifact), ThreadPoolExecutor(4) as pool:
         return dict(pool.map(one, CASES))
 
 
