@@ -11,30 +11,22 @@ import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
-from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .choice import Choice
 from .errors import UserInputError
 
 E5_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 PLAIN_TEMPLATE = "{text}"
 
 
-class PoolingMode(str, Enum):
+class PoolingMode(Choice, label="pooling mode", aliases={"last_token": "lasttoken", "last": "lasttoken",
+                                                       "eos": "lasttoken", "mean_tokens": "mean", "cls_token": "cls"}):
     LASTTOKEN = "lasttoken"
     MEAN = "mean"
     CLS = "cls"
-
-    @classmethod
-    def parse(cls, value: str) -> "PoolingMode":
-        aliases = {"last_token": "lasttoken", "last": "lasttoken", "eos": "lasttoken", "mean_tokens": "mean", "cls_token": "cls"}
-        v = aliases.get(value.lower(), value.lower())
-        try:
-            return cls(v)
-        except ValueError:
-            raise UserInputError(f"unknown pooling mode '{value}' (expected lasttoken, mean or cls)") from None
 
 
 @dataclass(frozen=True)

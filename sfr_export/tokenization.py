@@ -11,28 +11,21 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .choice import Choice
 from .errors import ArtifactError, UserInputError
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-class Truncation(str, Enum):
+class Truncation(Choice, label="truncation policy"):
     TRUNCATE = "truncate"
     ERROR = "error"
-
-    @classmethod
-    def parse(cls, value: "Truncation | str") -> "Truncation":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UserInputError(f"unknown truncation policy {value!r} (expected truncate or error)") from None
 
 
 @dataclass

@@ -5,34 +5,10 @@ Each is parsed once, where it enters (CLI option, job file, manifest JSON), and 
 
 from __future__ import annotations
 
-from enum import Enum
-
-from ..errors import UserInputError
+from ..choice import Choice
 
 
-class _Named(str, Enum):
-    """A str Enum whose ``parse`` is case-insensitive and whose error names the choices."""
-
-    @classmethod
-    def parse(cls, value: object) -> "_Named":
-        if isinstance(value, cls):
-            return value
-        text = str(getattr(value, "value", value)).strip().lower()
-        for member in cls:
-            if member.value == text:
-                return member
-        choices = ", ".join(m.value for m in cls)
-        raise UserInputError(f"unknown {cls.label()} '{value}' (expected one of: {choices})")
-
-    @classmethod
-    def label(cls) -> str:
-        return cls.__name__.lower()
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Precision(_Named):
+class Precision(Choice):
     """What ``build --precision`` asks for; each precision yields one or more variants."""
 
     FP32 = "fp32"
@@ -40,7 +16,7 @@ class Precision(_Named):
     INT8 = "int8"
 
 
-class Variant(_Named):
+class Variant(Choice):
     """One ONNX model of an output dir, under ``onnx/<variant>/``."""
 
     FP32 = "fp32"
@@ -59,25 +35,21 @@ class Variant(_Named):
         return f"{kind.value}:{self.value}"
 
 
-class StageKind(_Named):
+class StageKind(Choice, label="stage"):
     EXPORT = "export"
     CALIBRATE = "calibrate"
     ENGINE = "engine"
     VERIFY = "verify"
 
-    @classmethod
-    def label(cls) -> str:
-        return "stage"
 
-
-class Status(_Named):
+class Status(Choice):
     OK = "ok"
     SKIPPED = "skipped"
     FAILED_TARGETS = "failed-targets"  # built, but short of the fidelity targets: kept, never chosen by default
     FAILED = "failed"  # the run failed; recorded beside the last good record, never over it
 
 
-class Backend(_Named):
+class Backend(Choice):
     AUTO = "auto"
     ONNXRUNTIME = "onnxruntime"
     TORCH = "torch"

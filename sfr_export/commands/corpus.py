@@ -45,7 +45,7 @@ def embed_corpus_cmd(
 
     cfg = CorpusConfig(
         artifact=directory, input=input, output=output, id_column=id_column, text_column=text_column,
-        input_type=input_type, task=task, variant=variant.value if variant else None, backend=backend.value,
+        input_type=input_type, task=task, variant=variant, backend=backend,
         dtype=dtype, batch_tokens=batch_tokens, batch_size=batch_size,
         chunk_rows=chunk_rows, engine=engine, ray_address=ray_address,
         workers=workers, threads_per_worker=threads, resume=resume, truncation=truncation,

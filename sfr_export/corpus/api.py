@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArtifactError
-from ..artifact import Artifact, Backend, Variant
+from ..artifact import Artifact, Backend
 from .config import CorpusConfig, CorpusSummary, EngineKind, UnitResult
 from .io import InputPlan, check_unique_ids, plan_input
 from .output import (CorpusRecord, RunIdentity, clean_temp_files, done_units, is_complete, prepare_output,
@@ -38,18 +38,19 @@ def resolve_model(cfg: CorpusConfig, gpu: bool) -> tuple[str, str | None, str]:
     """(backend, variant for Embedder.from_artifact, variant name for the record), decided once for every worker."""
     art = Artifact.open(cfg.artifact)
     variants = art.variants()
-    backend = Backend.parse(cfg.backend)
+    backend = cfg.backend
     if backend is Backend.AUTO:
         backend = Backend.ONNXRUNTIME if variants else Backend.TORCH
     if backend is Backend.ONNXRUNTIME:
-        variant = Variant.parse(cfg.variant) if cfg.variant else art.preferred_variant(cuda=gpu)
+        variant = cfg.variant or art.preferred_variant(cuda=gpu)
         if variant not in variants:
             have = ", ".join(v.value for v in variants) or "none"
             raise ArtifactError(f"{cfg.artifact} has no ONNX variant '{variant.value}' (have: {have})")
         return backend.value, variant.value, variant.value
     if backend is Backend.TORCH:
         return backend.value, None, f"torch-{art.manifest.data.get('reference_dtype', 'float32')}"
-    return backend.value, cfg.variant, cfg.variant or backend.value
+    name = cfg.variant.value if cfg.variant else None
+    return backend.value, name, name or backend.value
 
 
 def build_record(cfg: CorpusConfig, plan: InputPlan, backend: str, variant: str) -> CorpusRecord:

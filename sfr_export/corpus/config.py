@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
+from ..artifact.enums import Backend, Variant
+from ..choice import Choice
 from ..errors import UserInputError
 from ..tokenization import Truncation
 
 
-class _Choice(str, Enum):
-    @classmethod
-    def parse(cls, value: "str | _Choice", option: str) -> "_Choice":
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = " | ".join(m.value for m in cls)
-            raise UserInputError(f"{option} must be one of {allowed}, got {value!r}") from None
-
-
-class InputType(_Choice):
+class InputType(Choice, label="input type"):
     DOCUMENT = "document"
     QUERY = "query"
 
 
-class OutputDtype(_Choice):
+class OutputDtype(Choice, label="output dtype"):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
 
 
-class EngineKind(_Choice):
+class EngineKind(Choice, label="engine"):
     LOCAL = "local"
     RAY = "ray"
 
@@ -46,8 +37,8 @@ class CorpusConfig:
     text_column: str = "text"
     input_type: InputType = InputType.DOCUMENT
     task: str | None = None
-    variant: str | None = None
-    backend: str = "auto"
+    variant: Variant | None = None  # None: the best variant the artifact has here
+    backend: Backend = Backend.AUTO
     dtype: OutputDtype = OutputDtype.FLOAT32
     batch_tokens: int = 16384
     batch_size: int = 64
@@ -62,6 +53,11 @@ class CorpusConfig:
     verify: bool = True
 
     def __post_init__(self) -> None:
+        for name, kind in (("backend", Backend), ("input_type", InputType), ("dtype", OutputDtype),
+                           ("engine", EngineKind), ("truncation", Truncation)):
+            object.__setattr__(self, name, kind.parse(getattr(self, name)))
+        if self.variant is not None:
+            object.__setattr__(self, "variant", Variant.parse(self.variant))
         for name in ("batch_tokens", "batch_size", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

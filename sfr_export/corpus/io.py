@@ -13,18 +13,18 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
+from ..choice import Choice
 from .._optional import require
 from .errors import CorpusInputError
 
 GLOB_CHARS = frozenset("*?[")
 
 
-class InputFormat(str, Enum):
+class InputFormat(Choice):
     PARQUET = "parquet"
     JSONL = "jsonl"
 
@@ -33,7 +33,7 @@ SUFFIXES = {".parquet": InputFormat.PARQUET, ".pq": InputFormat.PARQUET,
             ".jsonl": InputFormat.JSONL, ".ndjson": InputFormat.JSONL}
 
 
-class IdKind(str, Enum):
+class IdKind(Choice):
     STRING = "string"
     INT = "int64"
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CalibrationError, UserInputError
+from .options import CalibrationMethod
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ QMAX = 127.0
 
 @dataclass(frozen=True)
 class ObserveConfig:
-    method: str = "minmax"  # minmax | percentile | entropy
+    method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
     num_bins: int = 2048
     num_quantized_bins: int = 128  # ORT's default; configurable here (the 'hard-wired 128 bins' trap)
@@ -36,8 +37,7 @@ class ObserveConfig:
     skip_prefix: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("minmax", "percentile", "entropy"):
-            raise UserInputError(f"unknown calibration method '{self.method}' (expected minmax, percentile or entropy)")
+        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
         if not 50.0 < self.percentile <= 100.0:
             raise UserInputError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -122,11 +122,11 @@ class _Recorder:
 
 
 def _histogram_collector(config: ObserveConfig) -> Any:
-    if config.method == "minmax":
+    if config.method is CalibrationMethod.MINMAX:
         return None
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    return HistogramCollector(method=config.method, symmetric=True, num_bins=config.num_bins,
+    return HistogramCollector(method=config.method.value, symmetric=True, num_bins=config.num_bins,
                               num_quantized_bins=config.num_quantized_bins, percentile=config.percentile,
                               scenario="same")
 

@@ -20,12 +20,11 @@ from ..errors import CalibrationError, UserInputError
 from ..jsonl import iter_objects
 from ..spec import ModelSpec, task_instructions
 from .leakage import check_no_leakage
+from .options import CalibrationMethod
 
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("retrieval_query", "retrieval_passage", "sts", "classification", "clustering")
-# minimum calibration texts per method (percentile/entropy need populated histograms)
-METHOD_MIN_SAMPLES = {"minmax": 8, "percentile": 32, "entropy": 64}
 _DEFAULT_INSTRUCTIONS = {"retrieval_query": "web_search", "sts": "STSBenchmark",
                          "classification": "Banking77Classification", "clustering": "ClusTREC-Covid"}
 
@@ -253,15 +252,15 @@ def _pick_entry(recipe: Recipe, k: int, entry: Any, rows: list[dict[str, Any]], 
                     tokens=min(lens[i], spec.max_length)) for i in chosen[:quota]]
 
 
-def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *, method: str = "minmax",
+def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *,
+                  method: CalibrationMethod = CalibrationMethod.MINMAX,
                   protected: frozenset[str] | None = None) -> CalibrationSet:
     """Draw ``samples`` calibration + ``holdout`` held-out texts, deterministic in ``recipe.seed``.
 
     ``tokenizer`` is a ``TextTokenizer`` (lengths are counted as the model sees them, prompt and EOS included).
     """
-    if method not in METHOD_MIN_SAMPLES:
-        raise UserInputError(f"unknown calibration method '{method}' (expected minmax, percentile or entropy)")
-    need = METHOD_MIN_SAMPLES[method]
+    method = CalibrationMethod.parse(method)
+    need = method.min_samples
     if recipe.samples < need:
         raise CalibrationError(f"recipe '{recipe.name}' asks for {recipe.samples} calibration texts; method '{method}' needs at least {need}")
     rows_by_entry = _entry_rows(recipe)

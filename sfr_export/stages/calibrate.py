@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..choice import Choice
 from ..errors import ArtifactError, CalibrationError, UserInputError
+from ..quant.options import CalibrationMethod, ReferenceDtype, RotationMode
 from ..artifact import ArtifactRecord, Manifest, StageRecord
 from .common import peak_rss_mb, progress, run_worker, worker_main
 
@@ -40,7 +42,7 @@ AUTO_BF16_BYTES = 8 << 30  # reference_dtype "auto": above 8 GiB of fp32 weights
 class CalibrateConfig:
     recipe: str = "default"
     data: str | None = None  # the user's own JSONL (text, task, optional instruction) instead of a recipe
-    method: str = "minmax"  # minmax | percentile | entropy
+    method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
     # off | auto | an alpha in [0, 1]. Default off: on real SmolLM2 the search leaves most MatMuls weight-only, and
     # "auto" smoothing (112 of 120 groups) took weight-only int8 from held-out cos 0.99877 to 0.99341
@@ -57,14 +59,14 @@ class CalibrateConfig:
     seed: int | None = None
     batch_size: int = 8
     pairs: int | None = None  # use only the first N held-out scored pairs (None: all of the recipe's)
-    reference_dtype: str = "auto"  # torch model used for calibration + reference: float32 | bfloat16 | auto
+    reference_dtype: ReferenceDtype = ReferenceDtype.AUTO  # auto: bfloat16 above AUTO_BF16_BYTES of fp32 weights
     # online rotations of the linear inputs (sfr_export.quant.rotation; the torch model is rotated, the fold proven
     # at min cos >= 0.99999): "auto" rotates the Q/DQ (TensorRT) form of last-token models, with the first position
     # and the pooled row float, so that its static per-tensor scales hold: on real SmolLM2 the build then runs 207 of
     # 210 linears W8A8 (98.5% of the MACs), cos 0.9989 on held-out texts (docs/int8.md); without rotation SmolLM2's
     # Q/DQ form is weight-only. "on" also tries the CPU form's rotated candidates, which stay opt-in: the build's
     # rotated CPU form realized dSpearman -0.32 on all 1,379 STSB test pairs (expected -0.05 on dev). "off": neither
-    rotation: str = "auto"
+    rotation: RotationMode = RotationMode.AUTO
     # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
     # and are left out of the static ranges: a causal decoder's first token carries the massive activations
     # (|x| ~ 3250 at real SmolLM2's down_proj input) that would otherwise set every per-tensor scale. None: 1 when the
@@ -77,8 +79,8 @@ class CalibrateConfig:
     pooled_float: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in ("minmax", "percentile", "entropy"):
-            raise UserInputError(f"unknown calibration method '{self.method}' (expected minmax, percentile or entropy)")
+        for name, kind in (("method", CalibrationMethod), ("reference_dtype", ReferenceDtype), ("rotation", RotationMode)):
+            object.__setattr__(self, name, kind.parse(getattr(self, name)))
         if self.target_cosine is not None and not 0.0 < self.target_cosine <= 1.0:
             raise UserInputError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
         if not 0.0 < self.target_p1 <= 1.0 or self.target_spearman_delta < 0:
@@ -91,11 +93,7 @@ class CalibrateConfig:
             raise UserInputError(f"--prefix-float must be >= 0, got {self.prefix_float}")
         if self.batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.reference_dtype not in ("auto", "float32", "bfloat16"):
-            raise UserInputError(f"--reference-dtype must be auto, float32 or bfloat16, got {self.reference_dtype!r}")
-        if self.rotation not in ("auto", "on", "off"):
-            raise UserInputError(f"--rotation must be auto, on or off, got {self.rotation!r}")
-        if self.rotation == "on" and self.alpha() is not None:
+        if self.rotation is RotationMode.ON and self.alpha() is not None:
             raise UserInputError("--rotation on and --smoothquant are alternatives (both move outliers); pick one")
         self.alpha()
         if self.data is None:  # an unknown recipe is named before the output dir's lock is taken
@@ -105,11 +103,12 @@ class CalibrateConfig:
 
     def rotate(self, last_token: bool) -> bool:
         """Is the torch model (and so the Q/DQ form) rotated? "auto": for last-token models without SmoothQuant."""
-        return self.rotation == "on" or (self.rotation == "auto" and last_token and self.alpha() is None)
+        auto = self.rotation is RotationMode.AUTO and last_token and self.alpha() is None
+        return self.rotation is RotationMode.ON or auto
 
     def rotate_cpu(self) -> bool:
         """Does the CPU form try its rotated candidates? Only with "on" (see ``rotation``)."""
-        return self.rotation == "on"
+        return self.rotation is RotationMode.ON
 
     def prefix(self, last_token: bool) -> int:
         """Leading positions the W8A8 MatMuls keep float."""
@@ -119,8 +118,8 @@ class CalibrateConfig:
 
     def torch_dtype_for(self, fp32_bytes: int) -> str:
         """auto: fp32 up to AUTO_BF16_BYTES of fp32 weights, bf16 above (a 7B in fp32 alone is ~29 GB)."""
-        if self.reference_dtype != "auto":
-            return self.reference_dtype
+        if self.reference_dtype is not ReferenceDtype.AUTO:
+            return self.reference_dtype.value
         return "bfloat16" if fp32_bytes > AUTO_BF16_BYTES else "float32"
 
     def alpha(self) -> float | str | None:
@@ -144,7 +143,8 @@ class CalibrateConfig:
                        w8a8_margin=self.w8a8_margin)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON values (a Choice as its text), as the manifest and the job file keep them."""
+        return {k: v.value if isinstance(v, Choice) else v for k, v in asdict(self).items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def _observe(inp: _Inputs) -> tuple[dict[str, Any], dict[str, float], dict[str, 
                     norm_updates[inp.mapping[g.consumers[0]].activation] = mods[g.producer].weight.detach().numpy().copy()
         inp.figures["smoothquant"] = {k: v for k, v in rep.items() if k != "per_group"}
         inp.figures["smoothquant"]["alphas"] = {k: v["alpha"] for k, v in rep["per_group"].items()}
-    if alpha is not None or cfg.method != "minmax":
+    if alpha is not None or cfg.method is not CalibrationMethod.MINMAX:
         progress(f"activation ranges by {cfg.method}")
         _, thresholds = obs.observe(model, batches, names, obs.ObserveConfig(method=cfg.method, percentile=cfg.percentile, skip_prefix=skip),
                                     seed=inp.recipe.seed)

@@ -46,7 +46,7 @@ class ExportConfig:
     min_cosine: float | None = None  # default per precision: fp32 0.99999, fp16 0.9995
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "precision", Precision.parse(str(getattr(self.precision, "value", self.precision))))
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
         if self.precision is Precision.INT8:
             raise UserInputError("export writes fp32 or fp16 ONNX; int8 comes from `sfr-export calibrate` (or build --precision int8)")
         if self.opset < 23:

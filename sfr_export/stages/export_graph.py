@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..choice import Choice
 from ..errors import ExportValidationError
 from ..spec import ModelSpec
 
@@ -40,7 +40,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "sentence_embedding"
 
 
-class AttentionForm(str, Enum):
+class AttentionForm(Choice):
     CAUSAL = "causal"  # no padding mask; right padding required
     KEY_PADDING = "key-padding"  # [B, L] key-padding mask (expanded to [B, 1, L, L]); either padding side
 

@@ -12,7 +12,7 @@ AREA_DIRS = {"kernels": ROOT / "kernels" / "src", "calibration": ROOT / "calibra
 
 # Lower layers never import higher ones. Areas in one layer may import each other only without a cycle.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "_optional", "jsonl", "resources", "calibration", "worker", "vectors"),
+    ("errors", "choice", "_optional", "jsonl", "resources", "calibration", "worker", "vectors"),
     ("artifact", "spec"),
     ("pooling", "tokenization", "kernels"),
     ("models",),

@@ -57,6 +57,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("verify-junit-under-a-file", ["verify", "{A}", "--junit", "{T}/afile/j.xml"], 6, "{T}/afile"),
     ("calibrate-no-dir", ["calibrate"], 2, "'directory'"),
     ("calibrate-bad-method", ["calibrate", "{A}", "--method", "bogus"], 2, "'bogus'"),
+    ("calibrate-bad-rotation", ["calibrate", "{A}", "--rotation", "yes"], 2, "unknown rotation mode 'yes'"),
+    ("calibrate-bad-reference-dtype", ["calibrate", "{A}", "--reference-dtype", "fp16"], 2, "unknown reference dtype"),
     ("calibrate-alpha-out-of-range", ["calibrate", "{A}", "--smoothquant", "7"], 2, "7.0"),
     ("calibrate-unknown-recipe", ["calibrate", "{A}", "--recipe", "nosuch"], 2, "'nosuch'"),
     ("engine-no-dir", ["engine"], 2, "'directory'"),
