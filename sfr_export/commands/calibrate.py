@@ -30,7 +30,7 @@ def calibrate(
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
     rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (the Q/DQ form of "
-                                 "last-token models) | on (also the CPU form's rotated candidates) | off; see "
+                                 "last-token models) | on (also the CPU form's folded and rotated candidates) | off; see "
                                  "docs/int8.md."),
     prefix_float: Optional[int] = typer.Option(None, help="W8A8: keep the first N positions' activations float "
                                                "(default: 1 when the Q/DQ form is rotated, else 0)."),

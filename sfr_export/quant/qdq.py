@@ -188,6 +188,9 @@ class QuantPlan:
     # digit, the per-token rounding residual quantized again, through the same int8 weight: that row's activations
     # are then ~15-bit exact, for one more MatMulIntegerToFloat on B rows and a ScatterND per MatMul
     pooled_exact: bool = False
+    # row8: torch linear name -> input channels that stay float (sfr_export.quant.fold's massive channels): zeroed
+    # before the per-token quantization (and in the int8 weight), their product added back by a float MatMul
+    float_channels: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,9 +243,15 @@ def _weight_nbits8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
 
 
 def _weight_row8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
+    keep = list(e.plan.float_channels.get(info.module, ()))
+    if keep:  # those rows stay float, in their own [K, N] weight; the int8 weight sees zeros there
+        e.new_inits.append(e.writer.make(f"{info.weight}_r8_float_rows", np.ascontiguousarray(w_t[keep])))
+        _split_inits(e, int(w_t.shape[0]), tuple(keep))
+        w_t = w_t.copy()
+        w_t[keep] = 0.0
     q, s = quantize_weight(w_t, axis=1)
     e.new_inits += [e.writer.make(f"{info.weight}_r8", q), e.writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
-    e.node_form[info.node] = ("row8", (f"{info.weight}_r8", f"{info.weight}_r8_scale"))
+    e.node_form[info.node] = ("row8", (f"{info.weight}_r8", f"{info.weight}_r8_scale", str(w_t.shape[0])))
     e.replaced[info.weight] = f"{info.weight}_r8"
 
 
@@ -315,10 +324,57 @@ def _act_nbits8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
 
 
 def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
-    """Per-token symmetric activation scale at run time, u8 (zero point 128) into ``MatMulIntegerToFloat``."""
+    """Per-token symmetric activation scale at run time, u8 (zero point 128) into ``MatMulIntegerToFloat``; with
+    ``float_channels``, those channels bypass it through a float MatMul whose product is added."""
+    from onnx import helper
+
+    if not e.plan.float_channels.get(info.module):
+        return _row8_matmul(e, n, n.input[0], nodes)
+    keep = e.plan.float_channels[info.module]
+    a_int, a_float = _split_channels(e, n.input[0], int(e.node_form[n.name][1][2]), keep, nodes)
+    out = n.output[0]
+    n.output[0] = f"{out}_int"
+    nodes.append(_row8_matmul(e, n, a_int, nodes))
+    nodes.append(helper.make_node("MatMul", [a_float, f"{info.weight}_r8_float_rows"], [f"{out}_float"],
+                                  name=f"{n.name}_R8_float"))
+    return helper.make_node("Add", [f"{out}_int", f"{out}_float"], [out], name=f"{n.name}_R8_add_float")
+
+
+def _split_names(dim: int, keep: tuple[int, ...]) -> tuple[str, str]:
+    """The initializers of one channel split: a [dim] 0/1 mask and the [K] int64 channel numbers."""
+    import hashlib
+
+    tag = f"{dim}_{hashlib.sha1(repr(keep).encode()).hexdigest()[:8]}"
+    return f"sfr_split_mask_{tag}", f"sfr_split_idx_{tag}"
+
+
+def _split_inits(e: _Edit, dim: int, keep: tuple[int, ...]) -> None:
+    mask_name, idx_name = _split_names(dim, keep)
+    if not any(t.name == mask_name for t in e.new_inits):
+        mask = np.ones(dim, np.float32)
+        mask[list(keep)] = 0.0
+        e.new_inits += [e.writer.make(mask_name, mask), e.writer.make(idx_name, np.asarray(keep, np.int64))]
+
+
+def _split_channels(e: _Edit, a: str, dim: int, keep: tuple[int, ...], nodes: list[Any]) -> tuple[str, str]:
+    """``a`` with the channels ``keep`` zeroed, and those channels alone ([.., K]); made once per activation."""
+    from onnx import helper
+
+    key = f"split:{a}"
+    if key not in e.shared:
+        mask_name, idx_name = _split_names(dim, keep)
+        p = f"{a}_split"
+        nodes += [helper.make_node("Mul", [a, mask_name], [f"{p}_int"], name=f"{p}_Mask"),
+                  helper.make_node("Gather", [a, idx_name], [f"{p}_float"], name=f"{p}_Gather", axis=-1)]
+        e.shared[key] = f"{p}_int|{p}_float"
+    a_int, a_float = e.shared[key].split("|")
+    return a_int, a_float
+
+
+def _row8_matmul(e: _Edit, n: Any, a: str, nodes: list[Any]) -> Any:
+    """The per-token int8 MatMul of activation ``a`` (its quantization made once per activation)."""
     from onnx import TensorProto, helper
 
-    a = n.input[0]
     if not any(t.name == "sfr_row8_one" for t in e.new_inits):
         e.new_inits += [helper.make_tensor("sfr_row8_eps", TensorProto.FLOAT, [], [1e-30]),
                         helper.make_tensor("sfr_row8_inv127", TensorProto.FLOAT, [], [1.0 / QMAX]),
@@ -339,7 +395,7 @@ def _act_row8(e: _Edit, n: Any, info: MatMulInfo, nodes: list[Any]) -> Any:
         if e.plan.pooled_exact:
             _pooled_digit(e, p, nodes)
     qa, sa = e.shared[key].split("|")
-    wq, ws = e.node_form[n.name][1]
+    wq, ws = e.node_form[n.name][1][:2]
     out = n.output[0]
     scaled = f"{out}_r8s" if e.plan.pooled_exact else out
     nodes.append(helper.make_node("MatMulIntegerToFloat", [qa, wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_r8"],
@@ -417,11 +473,30 @@ def _norm_updates(e: _Edit, model: Any, norm_updates: dict[str, np.ndarray]) -> 
     for act, w in norm_updates.items():
         found = norm_mul_for(model, act, int(w.shape[0]))
         if found is None:
-            raise CalibrationError(f"no RMSNorm Mul produces {act}: cannot fold SmoothQuant into this graph")
+            raise CalibrationError(f"no RMSNorm Mul produces {act}: cannot change its scale in this graph")
         node, k = found
         new = f"{node.name}_sq_weight"
         e.new_inits.append(e.writer.make(new, np.asarray(w, np.float32)))
         node.input[k] = new
+
+
+def _init_updates(e: _Edit, inits: dict[str, Callable[[], np.ndarray]]) -> None:
+    for name, make in inits.items():
+        e.new_inits.append(e.writer.make(f"{name}_sfr", np.asarray(make(), np.float32)))
+        e.replaced[name] = f"{name}_sfr"
+
+
+def _pre_matmul(e: _Edit, n: Any, edit: tuple[int, np.ndarray] | None, nodes: list[Any]) -> None:
+    """Input ``k`` of node ``n`` becomes ``MatMul(input, M)`` (``edit = (k, M)``)."""
+    from onnx import helper
+
+    if edit is None:
+        return
+    k, m = edit
+    name = f"{n.name}_in{k}_premul"
+    e.new_inits.append(e.writer.make(f"{name}_m", np.asarray(m, np.float32)))
+    nodes.append(helper.make_node("MatMul", [n.input[k], f"{name}_m"], [f"{name}_out"], name=name))
+    n.input[k] = f"{name}_out"
 
 
 def _carry_initializers(e: _Edit, model: Any, base: Path) -> list[Any]:
@@ -433,11 +508,22 @@ def _carry_initializers(e: _Edit, model: Any, base: Path) -> list[Any]:
             for t in model.graph.initializer if t.name not in e.replaced and t.name in used]
 
 
+@dataclass(frozen=True)
+class GraphEdits:
+    """Float changes outside the mapped MatMuls (a residual fold, SmoothQuant): ``norms`` maps an activation tensor
+    to the new RMSNorm weight producing it; ``inits`` an initializer to a function making its new value (called
+    once, one tensor at a time); ``pre_matmul`` a node to (input index, M): that input becomes ``MatMul(input, M)``."""
+
+    norms: dict[str, np.ndarray] = field(default_factory=dict)
+    inits: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)
+    pre_matmul: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+
+
 def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInfo], plan: QuantPlan,
                     weight_of: Callable[[str], np.ndarray], bias_of: Callable[[str], np.ndarray | None],
-                    norm_updates: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    edits: GraphEdits | None = None) -> dict[str, Any]:
     """Write ``out_path``: every mapped MatMul gets its torch weight (``weight_of(name)`` in [out, in] layout),
-    quantized per ``plan``; ``norm_updates`` maps an activation tensor name to the new RMSNorm weight producing it."""
+    quantized per ``plan``; ``edits`` changes the graph outside them."""
     import onnx
     from onnx import helper
 
@@ -457,9 +543,12 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
             if b is not None and info.bias is not None:
                 e.new_inits.append(e.writer.make(f"{info.bias}_sfr", np.asarray(b, np.float32)))
                 e.replaced[info.bias] = f"{info.bias}_sfr"
-        _norm_updates(e, model, norm_updates or {})
+        edits = edits or GraphEdits()
+        _norm_updates(e, model, edits.norms)
+        _init_updates(e, edits.inits)
         nodes: list[Any] = list(e.pre_nodes)
         for n in model.graph.node:
+            _pre_matmul(e, n, edits.pre_matmul.get(n.name), nodes)
             info = by_node.get(n.name)
             if info is not None:
                 _rotate_input(e, n, info, nodes)

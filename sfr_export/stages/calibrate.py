@@ -64,7 +64,7 @@ class CalibrateConfig:
     # at min cos >= 0.99999): "auto" rotates the Q/DQ (TensorRT) form of last-token models, with the first position
     # and the pooled row float, so that its static per-tensor scales hold: on real SmolLM2 the build then runs 207 of
     # 210 linears W8A8 (98.5% of the MACs), cos 0.9989 on held-out texts (docs/int8.md); without rotation SmolLM2's
-    # Q/DQ form is weight-only. "on" also tries the CPU form's rotated candidates, which stay opt-in: the build's
+    # Q/DQ form is weight-only. "on" also tries the CPU form's folded and rotated candidates, which stay opt-in: the build's
     # rotated CPU form realized dSpearman -0.32 on all 1,379 STSB test pairs (expected -0.05 on dev). "off": neither
     rotation: RotationMode = RotationMode.AUTO
     # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
@@ -211,6 +211,8 @@ class _Inputs:
     rotations: dict[str, Any] = field(default_factory=dict)  # linear -> Rotation (the torch model is rotated)
     attention: Any = None  # the export's AttentionPlan (which fused attention op the CPU form takes)
     last_token: bool = False  # the model pools its last attended token
+    # the residual fold's float channels, found while the torch model is loaded (None: no folded candidate)
+    fold_channels: tuple[int, ...] | None = None
 
 
 def _load_inputs(job: dict[str, Any]) -> _Inputs:
@@ -352,7 +354,7 @@ def _write_qdq(inp: _Inputs, sel: Any, thresholds: dict[str, float], norm_update
                                              pooled_float=_pooled_float(inp)),
                                weight_of=lambda n: mods[n].weight.detach().float().numpy(),
                                bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().float().numpy(),
-                               norm_updates=norm_updates)
+                               edits=qdq.GraphEdits(norms=norm_updates))
 
 
 def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -380,6 +382,8 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
                                   "pooled_rows_float": _pooled_float(inp)}
     info = _write_qdq(inp, sel, thresholds, norm_updates)
     result: dict[str, Any] = {"figures": figures, "int8": {"build": info, "modes": sel.modes}}
+    if cfg.cpu_form and cfg.rotate_cpu():
+        inp.fold_channels = _fold_channels(inp)
     inp.ev.embed = None  # its closure holds the torch model
     inp.model = None
     del stats
@@ -424,6 +428,11 @@ def _measure(path: Path, session_config: dict[str, str], ev: Any, hold_b: Any, p
     return {**f.to_dict(), "met": targets.met(f), "measured_on": "held-out calibration texts + scored STSB-dev pairs, ORT vs the torch reference (reference_dtype)"}
 
 
+# The residual fold's float channels (sfr_export.quant.fold): on real SmolLM2 (400 STSB test pairs, torch fake
+# quantization, every linear per-token int8) the plain fold gave cos 0.99726, two float channels 0.99889, four
+# 0.99888, sixteen 0.99898, against 0.99876 for the online rotations it replaces (docs/int8.md)
+FOLD_FLOAT_CHANNELS = 2
+
 # Linears whose input the CPU form does not rotate: the attention output holds no outlier that per-token scales
 # cannot hold. On real SmolLM2 (300 STSB test pairs) rotating o_proj too moved row8 from cos 0.99876 to 0.99889 for
 # one more online rotation per layer (of four).
@@ -436,6 +445,7 @@ class CpuCandidate:
     modes: dict[str, str]
     rotated: frozenset[str] = frozenset()  # linears whose input is rotated online
     pooled_exact: bool = False  # row8: the pooled row of every activation gets a second int8 digit (QuantPlan)
+    fold: bool = False  # the residual stream rotated once (sfr_export.quant.fold); ``rotated``: down_proj only
 
 
 def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[str], *,
@@ -454,7 +464,10 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
                if last_token else CpuCandidate("row8 rotated", {n: "row8" for n in names}, rot))
     # rotate (--rotation on): opt-in, because on real SmolLM2 the build's rotated candidates realized ΔSp -0.32 on
     # all 1,379 STSB test pairs (expected -0.05 on dev; docs/int8.md): past the 0.3 target, though within noise
-    out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([rotated] if rotate else [])
+    folded = CpuCandidate(f"row8 folded, {FOLD_FLOAT_CHANNELS} residual channels float" + (", pooled rows exact" if last_token else ""),
+                          {n: "row8" for n in names}, frozenset(n for n in names if n.endswith("down_proj")),
+                          pooled_exact=last_token, fold=True)
+    out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([folded, rotated] if rotate else [])
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
     if w8a8 and len(w8a8) < len(names) and w8a8 != set(names) - few:
@@ -480,9 +493,10 @@ def fuse_cpu_attention(path: Path, plan: Any) -> str:
 
 
 def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: CpuCandidate, *, seed: int,
-                        attention: Any) -> str:
+                        attention: Any, fold: Any = None) -> str:
     """Write one CPU candidate to ``path`` from the fp32 ONNX ``src``, streaming its weights one tensor at a time
-    (rotated there in float64 when the candidate is rotated); returns the attention op the form runs."""
+    (rotated there in float64 when the candidate is rotated; folded by ``fold``, a ResidualFold, when given);
+    returns the attention op the form runs."""
     import onnx
 
     from ..quant import qdq
@@ -495,11 +509,51 @@ def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: Cp
 
     def weight_of(n: str) -> np.ndarray:
         w = qdq.read_tensor(inits[mapping[n].weight], src.parent).T  # ONNX B is [in, out]
+        w = fold.weight(n, w) if fold is not None else w
         return rots[n].apply(w) if n in rots else w
 
-    qdq.build_quantized(src, path, mapping, qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact),
-                        weight_of=weight_of, bias_of=lambda n: None)
+    plan = qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact,
+                         float_channels=fold.float_channels() if fold is not None else {})
+    edits = None if fold is None else fold.graph_edits(lambda: qdq.read_tensor(inits[fold.embedding], src.parent))
+    qdq.build_quantized(src, path, mapping, plan, weight_of=weight_of, bias_of=lambda n: None, edits=edits)
     return fuse_cpu_attention(path, attention)
+
+
+def _fold_channels(inp: _Inputs) -> tuple[int, ...] | None:
+    """The residual fold's float channels (the torch model's most massive residual channels on the calibration
+    texts); None, with the reason in the figures, for a model the fold does not apply to."""
+    from ..quant import fold as fd
+
+    try:
+        fd.fold_linears(inp.mapping)
+    except CalibrationError as exc:
+        inp.figures["residual_fold"] = {"skipped": str(exc)}
+        return None
+    return fd.massive_channels(inp.model, inp.calib_b, FOLD_FLOAT_CHANNELS)
+
+
+def _plan_fold(inp: _Inputs, out: Path) -> Any:
+    """The residual fold of this graph, proven exact in float (min cos >= 0.99999 on the held-out texts, ORT vs the
+    torch reference); None, with the reason in the figures, for a graph it does not apply to."""
+    from ..quant import fold as fd
+    from ..quant.sensitivity import fidelity
+
+    if inp.fold_channels is None:
+        return None
+    fold = fd.plan_for_graph(inp.src, inp.mapping, inp.fold_channels, inp.recipe.seed)
+    keep = fold.keep
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    modes = {n: "float" for n in inp.mapping}
+    write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, CpuCandidate("float, folded", modes, fold=True,
+                        rotated=frozenset(n for n in modes if n.endswith("down_proj"))), seed=inp.recipe.seed,
+                        attention=inp.attention, fold=fold)
+    f = fidelity(inp.ev.ref, _ort_embed(out / "model.onnx", CPU_SESSION_CONFIG, inp.hold_b))
+    if f.cos_min < 0.99999:
+        raise CalibrationError(f"the residual fold changed the fp32 model: min cos {f.cos_min:.7f} < 0.99999")
+    inp.figures["residual_fold"] = {"float_channels": list(keep), "float_min_cosine": f.cos_min}
+    progress(f"residual fold exact in float (min cos {f.cos_min:.7f}); float channels {list(keep)}")
+    return fold
 
 
 def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
@@ -509,29 +563,38 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     w8a8 = {n for n, m in sel.modes.items() if m == "w8a8"}
     tries = []
     cand = None
+    fold: Any = None
     for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token,
                                rotate=inp.cfg.rotate_cpu()):
+        if cand.fold:
+            fold = _plan_fold(inp, out)
+            if fold is None:
+                continue
         progress(f"CPU int8 form: trying {cand.label}")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         attention = write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, cand, seed=inp.recipe.seed,
-                                        attention=inp.attention)
+                                        attention=inp.attention, fold=fold if cand.fold else None)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, inp.ev, inp.hold_b, inp.pair_b, inp.gold, targets)
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
-                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, **fid})
+                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, "fold": cand.fold, **fid})
         if fid["met"]:
             break
     assert cand is not None
     return {"fidelity": tries[-1], "tries": tries, "chosen": tries[-1]["candidate"], "attention": attention,
             "float_nodes": sorted(n for n, m in cand.modes.items() if m == "float"),
             "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated), "pooled_exact": cand.pooled_exact,
+            "residual_fold": inp.figures.get("residual_fold") if cand.fold else None,
             "form": {"row8": {"op": "com.microsoft.MatMulIntegerToFloat", "activation": "per-token symmetric, dynamic",
                               "weight": "per-output-channel symmetric int8",
                               "pooled_exact": "the pooled row's rounding residual as a second int8 digit (ScatterND add)"},
                      "nbits8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
                                 "accuracy_level": 4},
                      "rotation": {"ops": "Reshape, MatMul (random-sign Hadamard), Transpose, MatMul (random orthogonal), "
-                                         "Reshape", "weights": "W R, folded one tensor at a time"}}}
+                                         "Reshape", "weights": "W R, folded one tensor at a time"},
+                     "residual_fold": {"ops": "the embedding table E Q, writers Q^T W, readers W diag(g) Q, MatMul x Q^T "
+                                              "before the final norm's scale; the float channels: Mul (mask), Gather, "
+                                              "MatMul, Add"}}}
 
 
 # ------------------------------------------------------------------------------------------------------------------

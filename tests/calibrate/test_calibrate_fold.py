@@ -1,0 +1,126 @@
+"""The residual-stream fold (sfr_export.quant.fold) on tiny-mistral with two massive residual channels (the embedding
+table's columns 5 and 9 x100, every norm's scale there x0.01, as real decoders shrink their massive channels): exact
+in float in the ONNX graph; the massive channels are found; and per-token int8 of the folded graph, which those
+channels break, is recovered by keeping them float."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from sfr_export.models import load_backbone, load_tokenizer
+from sfr_export.quant import fold as fd
+from sfr_export.quant import observe as obs
+from sfr_export.quant.qdq import map_matmuls
+from sfr_export.quant.recipe import load_recipe, sample_recipe
+from sfr_export.spec import spec_from_model_dir
+from sfr_export.stages.export import plan_attention_from_dir
+from sfr_export.stages.calibrate import CpuCandidate, make_batches, write_cpu_candidate
+from sfr_export.tokenization import TextTokenizer
+from sfr_export.vectors import row_cosine
+
+from test_calibrate_rotation import _ort_embed  # noqa: E402  (the tests dir is on sys.path)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+MASSIVE = (5, 9)
+
+
+@pytest.fixture(scope="module")
+def channel_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from sfr_export.models.demo import materialize_demo
+
+    d = tmp_path_factory.mktemp("channels") / "tiny-mistral-channels"
+    shutil.copytree(materialize_demo("demo:tiny-mistral"), d)
+    sd = load_file(str(d / "model.safetensors"))
+    for name in list(sd):
+        w = sd[name].clone()
+        if name == "embed_tokens.weight":
+            w[:, list(MASSIVE)] *= 100.0
+        elif name.endswith("layernorm.weight"):
+            w[list(MASSIVE)] *= 0.01
+        sd[name] = w
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["_sfr_export_known_as"] = "demo:tiny-mistral"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def setup(channel_mistral, tmp_path_factory):
+    from sfr_export.models import resolve_model
+    from sfr_export.stages.export import ExportConfig, run_export
+
+    root = tmp_path_factory.mktemp("channels-onnx")
+    run_export(root, resolve_model(str(channel_mistral)), ExportConfig(validate=False))
+    src = root / "onnx" / "fp32" / "model.onnx"
+    spec = spec_from_model_dir(channel_mistral, "demo:tiny-mistral")
+    tt = TextTokenizer(load_tokenizer(channel_mistral), spec)
+    cs = sample_recipe(load_recipe("default", samples=16, holdout=24), tt, spec)
+    model = load_backbone(channel_mistral)
+    mapping = map_matmuls(onnx.load(str(src), load_external_data=False),
+                          {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
+    return src, plan_attention_from_dir(channel_mistral), mapping, model, make_batches(tt, [c.text for c in cs.calibration], 8), \
+        make_batches(tt, [c.text for c in cs.holdout], 8)
+
+
+def _write(setup, tmp_path, mode: str, keep: tuple[int, ...], name: str) -> Path:
+    src, attention, mapping, _, _, _ = setup
+    fold = fd.plan_residual_fold(onnx.load(str(src), load_external_data=False), mapping, keep, 0, src.parent)
+    modes = {n: mode for n in mapping}
+    cand = CpuCandidate(name, modes, frozenset(n for n in modes if n.endswith("down_proj")), fold=True)
+    out = tmp_path / f"{name}.onnx"
+    write_cpu_candidate(src, out, mapping, cand, seed=0, attention=attention, fold=fold)
+    return out
+
+
+def test_the_massive_channels_are_found(setup):
+    _, _, _, model, calib, _ = setup
+    assert fd.massive_channels(model, calib, 2) == MASSIVE
+
+
+@pytest.mark.parametrize("keep", [(), MASSIVE])
+def test_the_folded_graph_is_exact_in_float(setup, tmp_path, keep):
+    """E Q, Q^T W (writers), W diag(g) Q (readers, the kept scale on the norm), x Q^T before the final scale, and the
+    online rotation left at down_proj: the same model, in standard ONNX."""
+    src, _, _, _, _, hold = setup
+    out = _write(setup, tmp_path, "float", keep, "float")
+    onnx.checker.check_model(str(out))
+    nodes = onnx.load(str(out)).graph.node
+    assert sum(n.name.endswith("_premul") for n in nodes) == 1  # the final norm's rotation back
+    assert row_cosine(_ort_embed(src, hold), _ort_embed(out, hold)).min() >= 0.99999
+
+
+def test_the_float_channel_split_is_exact(setup, tmp_path):
+    """row8 with every channel float: the int8 path sees zeros, the float MatMul carries everything."""
+    src, _, mapping, _, _, hold = setup
+    dim = int({t.name: t for t in onnx.load(str(src), load_external_data=False).graph.initializer}[
+        mapping["layers.0.mlp.down_proj"].weight].dims[1])
+    out = _write(setup, tmp_path, "row8", tuple(range(dim)), "all-float")
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Gather") >= 1 + 2 * 2  # the embedding, then one split per norm output (2 per layer)
+    assert row_cosine(_ort_embed(src, hold), _ort_embed(out, hold)).min() >= 0.99999
+
+
+def test_float_channels_rescue_per_token_int8_of_the_folded_graph(setup, tmp_path):
+    src, _, _, _, _, hold = setup
+    ref = _ort_embed(src, hold)
+    plain = row_cosine(ref, _ort_embed(_write(setup, tmp_path, "row8", (), "plain"), hold))
+    kept = row_cosine(ref, _ort_embed(_write(setup, tmp_path, "row8", MASSIVE, "kept"), hold))
+    print(f"row8 folded: 1 - cos {1 - plain.mean():.3e}; massive channels float: {1 - kept.mean():.3e}")
+    assert 1 - kept.mean() < 0.5 * (1 - plain.mean())
+
+
+def test_the_fold_refuses_an_encoder(tmp_path):
+    from sfr_export.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="residual fold needs a decoder"):
+        fd.fold_linears({"encoder.layer.0.attention.self.query": None})
+    assert np.allclose(fd.residual_rotation(8, (2,), 0)[2], np.eye(8)[2])
