@@ -397,7 +397,7 @@ def _smol_artifact(args) -> Path:
     return root
 
 
-def _lever_models(root: Path, work: Path) -> dict[str, Path]:
+def _lever_models(root: Path, work: Path, only: str = "") -> dict[str, Path]:
     """The lever table's CPU variants: the calibrate stage's own candidates that need no sensitivity ranking, plus
     float weights rotated (an exactness check of the rotation), written by the stage's own writer."""
     import onnx
@@ -414,17 +414,36 @@ def _lever_models(root: Path, work: Path) -> dict[str, Path]:
     model, plan = load_backbone(model_dir), plan_attention_from_dir(model_dir)
     mapping = qdq.map_matmuls(onnx.load(str(src), load_external_data=False),
                               {n: tuple(m.weight.shape) for n, m in obs.linear_modules(model).items()})
-    del model
     cands = [c for c in cpu_candidates(list(mapping), {}, set(), last_token=load_spec(root).pooling is PoolingMode.LASTTOKEN)
-             if len(set(c.modes.values())) == 1]  # one mode everywhere: no sensitivity order involved
-    cands.append(CpuCandidate("float, rotated (exactness)", {n: "float" for n in mapping}, frozenset(mapping)))
+             if len(set(c.modes.values())) == 1 and any(x in c.label for x in only.split(","))]  # one mode: no sensitivity order
+    if not only or "exactness" in only:
+        cands.append(CpuCandidate("float, rotated (exactness)", {n: "float" for n in mapping}, frozenset(mapping)))
+    fold = _lever_fold(root, src, mapping, model) if any(c.fold for c in cands) else None
+    del model
     out = {}
     for c in cands:
         path = work / f"lever{len(out)}" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_cpu_candidate(src, path, mapping, c, seed=0, attention=plan)
+        write_cpu_candidate(src, path, mapping, c, seed=0, attention=plan, fold=fold if c.fold else None)
         out[c.label] = path
     return out
+
+
+def _lever_fold(root: Path, src: Path, mapping: dict, model: Any) -> Any:
+    """The residual fold as the calibrate stage plans it: float channels found on the recipe's calibration texts
+    (the CI test's 64 samples), seed 0."""
+    from sfr_export.artifact import load_spec
+    from sfr_export.models import load_tokenizer
+    from sfr_export.quant.fold import massive_channels, plan_for_graph
+    from sfr_export.quant.recipe import load_recipe, sample_recipe
+    from sfr_export.stages.calibrate import FOLD_FLOAT_CHANNELS, make_batches
+    from sfr_export.tokenization import TextTokenizer
+
+    spec = load_spec(root)
+    tt = TextTokenizer(load_tokenizer(root / "tokenizer"), spec)
+    cs = sample_recipe(load_recipe("default", samples=64, holdout=24), tt, spec)
+    keep = massive_channels(model, make_batches(tt, [c.text for c in cs.calibration], 8), FOLD_FLOAT_CHANNELS)
+    return plan_for_graph(src, mapping, keep, seed=0)
 
 
 def _sts_sets(other: bool, cap: int) -> list[tuple[str, list[str], np.ndarray]]:
@@ -501,13 +520,13 @@ def cmd_smollm2(args) -> dict:
     if not args.no_ort_fp32:
         fp32 = root / "onnx" / "fp32"
         variants["ORT fp32"] = ({}, next(p for p in (fp32 / "model.cpu.onnx", fp32 / "model.onnx") if p.exists()))
-    for rec in (man.stage("calibrate:int8"), man.stage("calibrate:int8-cpu")):
+    for rec in () if args.no_offered else (man.stage("calibrate:int8"), man.stage("calibrate:int8-cpu")):
         if rec is not None:
             v = rec.config["variant"]
             variants[f"offered {v} ({rec.status}; {rec.figures.get('chosen') or rec.figures['mixed_precision']['modes']})"] = (
                 dict(rec.config["ort_session_config"]), man.artifact_path(rec.name, "onnx"))
-    if args.levers:
-        variants.update({f"lever {k}": (CPU_SESSION_CONFIG, p) for k, p in _lever_models(root, Path(args.out) / "levers").items()})
+    if args.levers is not None:
+        variants.update({f"lever {k}": (CPU_SESSION_CONFIG, p) for k, p in _lever_models(root, Path(args.out) / "levers", args.levers).items()})
     res: dict[str, Any] = {"artifact": str(root), "rows": {}, "qdq": {}}
     qrec = man.stage("calibrate:int8")
     if qrec is not None:
@@ -569,12 +588,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["fidelity", "speed", "peer", "smollm2", "all"])
     ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
-    ap.add_argument("--levers", action="store_true", help="smollm2: also the lever variants (row8, rotated, nbits8)")
+    ap.add_argument("--levers", nargs="?", const="", default=None, help="smollm2: also the lever variants (row8, "
+                    "folded, rotated, nbits8); a value keeps the levers whose label holds one of its comma-separated words")
     ap.add_argument("--other-sts", action="store_true", help="smollm2: also STS13-16 and BIOSSES")
     ap.add_argument("--other-sts-pairs", type=int, default=400, help="smollm2: pairs per other STS set (seeded subsample)")
     ap.add_argument("--no-speed", action="store_true", help="smollm2: fidelity only")
     ap.add_argument("--no-fidelity", action="store_true", help="smollm2: speed only")
     ap.add_argument("--no-ort-fp32", action="store_true", help="smollm2: leave the ORT fp32 row out")
+    ap.add_argument("--no-offered", action="store_true", help="smollm2: leave the artifact's own int8 forms out")
     ap.add_argument("--speed-skip", default="", help="smollm2: comma-separated substrings of variants not to time")
     ap.add_argument("--lever-speed-only", action="store_true", help="smollm2: levers timed, not scored")
     ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many)")
