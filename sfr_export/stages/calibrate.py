@@ -64,8 +64,9 @@ class CalibrateConfig:
     # at min cos >= 0.99999): "auto" rotates the Q/DQ (TensorRT) form of last-token models, with the first position
     # and the pooled row float, so that its static per-tensor scales hold: on real SmolLM2 the build then runs 207 of
     # 210 linears W8A8 (98.5% of the MACs), cos 0.9989 on held-out texts (docs/int8.md); without rotation SmolLM2's
-    # Q/DQ form is weight-only. "on" also tries the CPU form's folded and rotated candidates, which stay opt-in: the build's
-    # rotated CPU form realized dSpearman -0.32 on all 1,379 STSB test pairs (expected -0.05 on dev). "off": neither
+    # Q/DQ form is weight-only. "on" also tries the CPU form's folded and rotated candidates, which stay opt-in: the
+    # build's rotated CPU form realized dSpearman -0.32 on all 1,379 STSB test pairs (expected -0.05 on dev), and its
+    # folded form was refused once by the realized-delta guard on the dev pairs (docs/int8.md). "off": neither
     rotation: RotationMode = RotationMode.AUTO
     # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
     # and are left out of the static ranges: a causal decoder's first token carries the massive activations
