@@ -118,9 +118,15 @@ def test_float_channels_rescue_per_token_int8_of_the_folded_graph(setup, tmp_pat
     assert 1 - kept.mean() < 0.5 * (1 - plain.mean())
 
 
-def test_the_fold_refuses_an_encoder(tmp_path):
+def test_the_fold_refuses_an_encoder():
     from sfr_export.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match="residual fold needs a decoder"):
         fd.fold_linears({"encoder.layer.0.attention.self.query": None})
-    assert np.allclose(fd.residual_rotation(8, (2,), 0)[2], np.eye(8)[2])
+
+
+def test_the_residual_rotation_is_orthogonal_and_leaves_the_kept_channels_alone():
+    q = fd.residual_rotation(8, (2, 5), 0)
+    np.testing.assert_allclose(q @ q.T, np.eye(8), atol=1e-12)
+    assert np.array_equal(q[[2, 5]], np.eye(8)[[2, 5]]) and np.array_equal(q[:, [2, 5]], np.eye(8)[:, [2, 5]])
+    assert not np.allclose(np.abs(q), np.eye(8))  # it mixes the other channels
