@@ -18,7 +18,7 @@ Heavy steps hold /tmp/sfr-heavy.lock. Results go to ``--out`` (JSON + markdown).
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import json
 import os
 import shutil
@@ -270,7 +270,7 @@ def gemm_peaks(threads: int = 0, reps: int = 5) -> dict[str, Any]:
     inputs = {"int8": rng.integers(0, 255, (m, k), dtype=np.uint8), "fp32": rng.standard_normal((m, k)).astype(np.float32)}
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    sessions = {kind: ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    sessions = {kind: ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
                                            .SerializeToString(), so, providers=["CPUExecutionProvider"])
                 for kind, g in graphs.items()}
     times: dict[str, list[float]] = {kind: [] for kind in sessions}
@@ -462,6 +462,27 @@ def _sts_sets(other: bool, cap: int) -> list[tuple[str, list[str], np.ndarray]]:
     return sets
 
 
+def time_alternating(fns: dict[str, Any], shapes: dict[tuple[int, int], int], vocab: tuple[int, int] = (100, 30000)) -> dict:
+    """tokens/s of each ``fn(ids, mask)`` at each [B, L] shape (reps timed runs each), the functions alternating
+    within every rep, medians; ``x_<first>`` is each one's speed against the first function's."""
+    res = {}
+    base = next(iter(fns))
+    for (b, length), n in shapes.items():
+        ids = np.random.default_rng(0).integers(*vocab, size=(b, length)).astype(np.int64)
+        mask = np.ones_like(ids)
+        for f in fns.values():
+            f(ids, mask)
+        ts: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(n):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f(ids, mask)
+                ts[k].append(time.perf_counter() - t)
+        med = {k: float(np.median(v)) for k, v in ts.items()}
+        res[f"B{b}xL{length}"] = {k: {"tokens_per_s": ids.size / m, "x_torch_fp32": med[base] / m} for k, m in med.items()}
+    return res
+
+
 def _smol_speed(root: Path, variants: dict[str, tuple[str, Path]], reps: dict[tuple[int, int], int]) -> dict:
     """tokens/s, one thread, torch fp32 eager and every variant alternating, medians."""
     import torch
@@ -470,32 +491,12 @@ def _smol_speed(root: Path, variants: dict[str, tuple[str, Path]], reps: dict[tu
     from sfr_export.runtime.ort_runner import OrtRunner
 
     torch.set_num_threads(1)
-    res = {}
-    with Embedder.from_artifact(root, backend="torch") as te:
-        runners = {k: OrtRunner(p, intra_op_threads=1, session_config=cfg) for k, (cfg, p) in variants.items()}
-        for r in runners.values():
-            r.__enter__()
-        try:
-            for (b, length), n in reps.items():
-                ids = np.random.default_rng(0).integers(100, 30000, size=(b, length)).astype(np.int64)
-                mask = np.ones_like(ids)
-                fns = {"torch fp32 eager": lambda: te.runner.infer(ids, mask),
-                       **{k: (lambda r=r: r.infer(ids, mask)) for k, r in runners.items()}}
-                for f in fns.values():
-                    f()
-                ts: dict[str, list[float]] = {k: [] for k in fns}
-                for _ in range(n):
-                    for k, f in fns.items():
-                        t = time.perf_counter()
-                        f()
-                        ts[k].append(time.perf_counter() - t)
-                med = {k: float(np.median(v)) for k, v in ts.items()}
-                res[f"B{b}xL{length}"] = {k: {"tokens_per_s": ids.size / m, "x_torch_fp32": med["torch fp32 eager"] / m}
-                                          for k, m in med.items()}
-        finally:
-            for r in runners.values():
-                r.__exit__(None, None, None)
-    return res
+    with contextlib.ExitStack() as stack:
+        te = stack.enter_context(Embedder.from_artifact(root, backend="torch"))
+        fns = {"torch fp32 eager": te.runner.infer}
+        for k, (cfg, p) in variants.items():
+            fns[k] = stack.enter_context(OrtRunner(p, intra_op_threads=1, session_config=cfg)).infer
+        return time_alternating(fns, reps)
 
 
 def _smol_linear_macs_per_token() -> int:
@@ -503,18 +504,11 @@ def _smol_linear_macs_per_token() -> int:
     return layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
 
 
-def cmd_smollm2(args) -> dict:
-    """Fidelity of every offered int8 form (and the levers) on real SmolLM2 + speed side by side, one thread."""
-    import torch
-
+def smol_variants(root: Path, args) -> dict[str, tuple[dict, Path]]:
+    """label -> (ORT session config, model path): ORT fp32, the artifact's offered int8 forms, and the levers."""
     from sfr_export.artifact import Manifest
-    from sfr_export.quant.qdq import w8a8_mac_share
-    from sfr_export.runtime import Embedder
-    from sfr_export.runtime.ort_runner import OrtRunner
-    from sfr_export.stages.calibrate import CPU_SESSION_CONFIG, QDQ_SESSION_CONFIG, make_batches
+    from sfr_export.stages.calibrate import CPU_SESSION_CONFIG
 
-    torch.set_num_threads(1)
-    root = _smol_artifact(args)
     man = Manifest.load(root)
     variants: dict[str, tuple[dict, Path]] = {}
     if not args.no_ort_fp32:
@@ -527,6 +521,23 @@ def cmd_smollm2(args) -> dict:
                 dict(rec.config["ort_session_config"]), man.artifact_path(rec.name, "onnx"))
     if args.levers is not None:
         variants.update({f"lever {k}": (CPU_SESSION_CONFIG, p) for k, p in _lever_models(root, Path(args.out) / "levers", args.levers).items()})
+    return variants
+
+
+def cmd_smollm2(args) -> dict:
+    """Fidelity of every offered int8 form (and the levers) on real SmolLM2 + speed side by side, one thread."""
+    import torch
+
+    from sfr_export.artifact import Manifest
+    from sfr_export.quant.qdq import w8a8_mac_share
+    from sfr_export.runtime import Embedder
+    from sfr_export.runtime.ort_runner import OrtRunner
+    from sfr_export.stages.calibrate import QDQ_SESSION_CONFIG, make_batches
+
+    torch.set_num_threads(1)
+    root = _smol_artifact(args)
+    man = Manifest.load(root)
+    variants = smol_variants(root, args)
     res: dict[str, Any] = {"artifact": str(root), "rows": {}, "qdq": {}}
     qrec = man.stage("calibrate:int8")
     if qrec is not None:
