@@ -14,6 +14,12 @@ Rows (every linear W8A8: int8 weights per output channel, per-token int8 activat
   texts, past position 0, max over layers) stay out of ``Q`` (it is the identity on them) and reach every reader
   in float: the reader quantizes the other channels per token and adds the K channels' float product (an
   LLM.int8()-style split; K/576 of the readers' multiply-adds stay float).
+- ``+identK``: as ``+keepK`` (``Q`` the identity on them, ``g`` kept on them), but the K channels are quantized per
+  token with the rest: no float split.
+- ``+downK``: ``down_proj``'s input is not rotated online; its K input channels of largest median |x| (per layer,
+  on the calibration texts) stay float instead (``+down0``: plain per-token int8 there).
+- ``+downhad``: ``down_proj``'s online rotation is the random-sign block-Hadamard factor alone (64-channel
+  blocks), without the orthogonal factor that mixes the blocks (one MatMul instead of two and a Transpose).
 - ``+pos0``: position 0 (the attention sink) keeps float activations everywhere.
 
 Why the fold costs fidelity (the hypothesis this probe tests): before the fold, the norm scale ``g`` shrinks the
@@ -52,15 +58,39 @@ class FoldRow:
     fold: bool
     keep: int = 0
     pos0: bool = False
+    ident: bool = False  # the kept channels stay out of Q (g kept on them) but are quantized with the rest
+    down: int = -1  # -1: down_proj's input rotated online; K >= 0: not rotated, its K most massive channels float
+    down_hadamard: bool = False  # down_proj's online rotation is the block-Hadamard factor alone (no orthogonal mix)
 
     @classmethod
     def parse(cls, name: str) -> "FoldRow":
         base, *opts = name.split("+")
-        keep = [int(o[4:]) for o in opts if o.startswith("keep") and o[4:].isdigit()]
-        known = all(o == "pos0" or (o.startswith("keep") and o[4:].isdigit()) for o in opts)
-        if base not in ("rot", "fold") or not known or (keep and base != "fold"):
-            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK][+pos0]")
-        return cls(name, fold=base == "fold", keep=max(keep, default=0), pos0="pos0" in opts)
+        num = {o.rstrip("0123456789"): int(o[len(o.rstrip("0123456789")):]) for o in opts if o[-1:].isdigit()}
+        known = all(o in ("pos0", "downhad") or o.rstrip("0123456789") in ("keep", "ident", "down") and o[-1:].isdigit() for o in opts)
+        if base not in ("rot", "fold") or not known or (num and base != "fold") or ("keep" in num and "ident" in num):
+            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK|+identK][+downK|+downhad][+pos0]")
+        return cls(name, fold=base == "fold", keep=num.get("keep", num.get("ident", 0)), pos0="pos0" in opts,
+                   ident="ident" in num, down=num.get("down", -1), down_hadamard="downhad" in opts)
+
+
+def down_channels(model: Any, batches: list[Any], k: int) -> dict[str, Any]:
+    """Per down_proj: the ``k`` input channels of largest median |x| over the calibration tokens past position 0."""
+    import torch
+
+    from sfr_export.quant.observe import linear_modules
+
+    mods = {n: m for n, m in linear_modules(model).items() if n.endswith("down_proj")}
+    stats: dict[str, list[Any]] = {n: [] for n in mods}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: stats[n].append(a[0][:, 1:].abs().flatten(0, 1).float()))
+             for n, m in mods.items()]
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v).median(dim=0).values.topk(k).indices.sort().values for n, v in stats.items()}
 
 
 def fold_residual(model: Any, q: Any, keep: tuple[int, ...]) -> None:
@@ -109,16 +139,16 @@ def _fake(x: Any, keep: Any, pos0: bool) -> Any:
 
 
 @contextlib.contextmanager
-def w8a8(model: Any, row: FoldRow, keep: Any) -> Iterator[None]:
-    """Every linear: int8 weights (per output channel) for the forward, per-token int8 inputs; the readers of a
-    folded model keep the channels ``keep`` float, in the activation and in the weight's columns."""
+def w8a8(model: Any, row: FoldRow, keep: dict[str, Any]) -> Iterator[None]:
+    """Every linear: int8 weights (per output channel) for the forward, per-token int8 inputs; a linear named in
+    ``keep`` keeps those input channels float, in the activation and in the weight's columns."""
     from sfr_export.quant.observe import linear_modules
     from sfr_export.quant.sensitivity import fake_weight
 
     saved, handles = [], []
     for name, m in linear_modules(model).items():
         saved.append((m, m.weight.data))
-        k = keep if row.fold and name.endswith(READERS) else None
+        k = keep.get(name)
         w = m.weight.data.float().clone()
         if k is not None:  # the float channels' weight columns stay float too: they are the float product's
             w[:, k] = 0
@@ -136,8 +166,24 @@ def w8a8(model: Any, row: FoldRow, keep: Any) -> Iterator[None]:
             h.remove()
 
 
-def prepare(model: Any, row: FoldRow, calib: list[Any], seed: int) -> tuple[Any, Any]:
-    """A rotated copy of ``model`` for ``row``, and the float channels of its readers (or None)."""
+def _hadamard_only(model: Any, seed: int) -> None:
+    """``down_proj``'s input times the stage's random-sign block-Hadamard factor alone (blocks of ``nb`` channels)."""
+    import torch
+
+    from sfr_export.quant.observe import linear_modules
+    from sfr_export.quant.rotation import Rotation, _rotate_input, make_rotation
+
+    for n, mod in linear_modules(model).items():
+        if n.endswith("down_proj"):
+            r = make_rotation(int(mod.weight.shape[1]), seed)
+            r = Rotation(dim=r.dim, a=np.eye(r.na), h=r.h)
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(r.apply(mod.weight.detach().double().numpy())).to(mod.weight.dtype))
+            mod.register_forward_pre_hook(_rotate_input(r))
+
+
+def prepare(model: Any, row: FoldRow, calib: list[Any], seed: int) -> tuple[Any, dict[str, Any]]:
+    """A rotated copy of ``model`` for ``row``, and the float input channels of each linear that has some."""
     import torch
 
     from sfr_export.quant.observe import linear_modules
@@ -148,11 +194,17 @@ def prepare(model: Any, row: FoldRow, calib: list[Any], seed: int) -> tuple[Any,
     names = list(linear_modules(m))
     if not row.fold:
         rotate_model(m, [n for n in names if not n.endswith(CPU_ROTATION_SKIP)], seed=seed)
-        return m, None
+        return m, {}
     keep = massive_channels(model, calib, row.keep) if row.keep else ()
     fold_residual(m, torch.from_numpy(residual_rotation(m.config.hidden_size, keep, seed)), keep)
-    rotate_model(m, [n for n in names if n.endswith("down_proj")], seed=seed)
-    return m, (torch.tensor(keep) if row.keep else None)
+    floats = {n: torch.tensor(keep) for n in names if n.endswith(READERS)} if row.keep and not row.ident else {}
+    if row.down_hadamard:
+        _hadamard_only(m, seed)
+    elif row.down < 0:
+        rotate_model(m, [n for n in names if n.endswith("down_proj")], seed=seed)
+    elif row.down > 0:
+        floats.update(down_channels(m, calib, row.down))
+    return m, floats
 
 
 def main() -> None:
