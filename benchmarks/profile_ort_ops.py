@@ -41,18 +41,24 @@ def profile(model: Path, batch: int, length: int, threads: int, runs: int, confi
         for _ in range(runs + 1):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    per_run: list[dict[str, float]] = []
+    per_run: list[dict[str, float]] = [defaultdict(float)]  # a run's node events come before its model_run event
+    groups: list[dict[str, float]] = [defaultdict(float)]
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
             per_run.append(defaultdict(float))
-        elif e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and per_run:
+            groups.append(defaultdict(float))
+        elif e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_run[-1][e["args"]["op_name"]] += e["dur"] / 1000.0
-    runs_ms = per_run[1:] if len(per_run) > 1 else per_run  # the first run is the warm-up
-    total = [sum(r.values()) for r in runs_ms]
-    mid = runs_ms[int(np.argsort(total)[len(total) // 2])]
-    t = sum(mid.values())
+            group = re.sub(r"\d+", "#", e["name"][: -len("_kernel_time")])  # the same node in every layer
+            groups[-1][f"{e['args']['op_name']} {group}"] += e["dur"] / 1000.0
+    per_run, groups = per_run[:-1], groups[:-1]  # the last bucket holds no run
+    first = 1 if len(per_run) > 1 else 0  # the first run is the warm-up
+    total = [sum(r.values()) for r in per_run[first:]]
+    i = first + int(np.argsort(total)[len(total) // 2])
+    mid, t = per_run[i], total[i - first]
     return {"model": str(model), "shape": [batch, length], "threads": threads, "kernel_ms": t,
-            "ops": {k: {"ms": v, "share": v / t} for k, v in sorted(mid.items(), key=lambda kv: -kv[1])}}
+            "ops": {k: {"ms": v, "share": v / t} for k, v in sorted(mid.items(), key=lambda kv: -kv[1])},
+            "nodes": {k: {"ms": v, "share": v / t} for k, v in sorted(groups[i].items(), key=lambda kv: -kv[1])}}
 
 
 def main() -> None:
@@ -62,6 +68,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=0, help="also the N costliest node groups (layer numbers merged)")
     ap.add_argument("--session-config", nargs="*", default=[], help="ORT session config entries, KEY=VALUE")
     args = ap.parse_args()
     config = dict(re.split("=", kv, maxsplit=1) for kv in args.session_config)
@@ -69,6 +76,8 @@ def main() -> None:
     print(f"{res['model']}  B{args.batch}xL{args.length}, {args.threads} thread(s): {res['kernel_ms']:.1f} ms of kernels")
     for op, v in res["ops"].items():
         print(f"  {op:32s} {v['ms']:9.2f} ms  {v['share']:6.1%}")
+    for name, v in list(res["nodes"].items())[: args.nodes]:
+        print(f"  {name[:90]:90s} {v['ms']:9.2f} ms  {v['share']:6.1%}")
 
 
 if __name__ == "__main__":
