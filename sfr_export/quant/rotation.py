@@ -16,6 +16,10 @@ output are untouched, so no weight outside the linears changes and nothing has t
 Reshape -> MatMul -> Transpose -> MatMul -> Reshape in ONNX (standard ops; TensorRT accepts them), about
 ``na + nb`` multiply-adds per element instead of ``D`` for a dense rotation. The weights get the same map applied
 to their rows (``W R`` = rotate each row of W), one tensor at a time.
+
+``Rotation.block_only()`` keeps the block-Hadamard factor alone (Reshape -> MatMul -> Reshape, ``nb`` multiply-adds
+per element): the residual fold's ``down_proj`` uses it, where the orthogonal factor bought nothing on real SmolLM2
+(400 STSB test pairs, torch probe: cos 0.99890 without it, 0.99888 with it; docs/int8.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class Rotation:
     dim: int
     a: np.ndarray  # [na, na] random orthogonal (float64)
     h: np.ndarray  # [nb, nb] Hadamard / sqrt(nb) with random row signs (float64)
+    mix: bool = True  # False: the block-Hadamard factor alone (``a`` unused): blocks of nb channels, none mixed
+
+    def block_only(self) -> "Rotation":
+        """The random-sign block-Hadamard factor alone: ``x -> x (I_na kron Hs)``, one MatMul online."""
+        return Rotation(dim=self.dim, a=np.eye(self.na), h=self.h, mix=False)
 
     @property
     def na(self) -> int:
@@ -48,7 +57,7 @@ class Rotation:
         """``x R`` in float64 (weights: rotate each row of a [out, in] weight)."""
         lead = x.shape[:-1]
         y = np.asarray(x, dtype=np.float64).reshape(-1, self.na, self.nb) @ self.h
-        return (np.swapaxes(y, 1, 2) @ self.a).reshape(*lead, self.dim)
+        return (np.swapaxes(y, 1, 2) @ self.a if self.mix else y).reshape(*lead, self.dim)
 
     def apply_torch(self, x: Any) -> Any:
         """``x R`` for a torch tensor (in its dtype; the calibration model is fp32)."""
@@ -58,10 +67,10 @@ class Rotation:
         a = torch.from_numpy(self.a).to(x.dtype)
         lead = x.shape[:-1]
         y = x.reshape(-1, self.na, self.nb) @ h
-        return (y.transpose(1, 2) @ a).reshape(*lead, self.dim)
+        return (y.transpose(1, 2) @ a if self.mix else y).reshape(*lead, self.dim)
 
     def matmul_macs_per_row(self) -> int:
-        return self.dim * (self.na + self.nb)
+        return self.dim * (self.na + self.nb if self.mix else self.nb)
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -132,6 +141,14 @@ def onnx_rotation(act: str, rot: Rotation, prefix: str) -> tuple[list[Any], list
     from onnx import helper, numpy_helper
 
     p = f"{prefix}_rot"
+    if not rot.mix:  # [.., D] -> [-1, nb] blocks, times Hs, back: Reshape -> MatMul -> Reshape
+        inits = [numpy_helper.from_array(np.array([-1, rot.nb], np.int64), f"{p}_blocks"),
+                 numpy_helper.from_array(rot.h.astype(np.float32), f"{p}_h")]
+        nodes = [helper.make_node("Shape", [act], [f"{p}_shape"], name=f"{p}_Shape"),
+                 helper.make_node("Reshape", [act, f"{p}_blocks"], [f"{p}_x2"], name=f"{p}_Split"),
+                 helper.make_node("MatMul", [f"{p}_x2", f"{p}_h"], [f"{p}_xh"], name=f"{p}_Hadamard"),
+                 helper.make_node("Reshape", [f"{p}_xh", f"{p}_shape"], [f"{p}_out"], name=f"{p}_Merge")]
+        return nodes, inits, f"{p}_out"
     inits = [numpy_helper.from_array(np.array([-1, rot.na, rot.nb], np.int64), f"{p}_split"),
              numpy_helper.from_array(rot.h.astype(np.float32), f"{p}_h"),
              numpy_helper.from_array(rot.a.astype(np.float32), f"{p}_a")]

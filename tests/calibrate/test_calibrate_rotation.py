@@ -40,6 +40,34 @@ def test_rotation_is_orthogonal_and_cheap(dim):
     np.testing.assert_allclose(rot.apply_torch(torch.from_numpy(x)).numpy(), rot.apply(x), atol=1e-12)
 
 
+@pytest.mark.parametrize("dim", [576, 1536])
+def test_block_only_rotation_is_block_diagonal_and_one_matmul_in_onnx(dim):
+    """The fold's down_proj rotation: the block-Hadamard factor alone, orthogonal, no channel leaves its block, and
+    the ONNX nodes compute what the weights are rotated with."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sfr_export.quant.rotation import onnx_rotation
+
+    rot = make_rotation(dim, seed=3).block_only()
+    r = rot.apply(np.eye(dim))
+    np.testing.assert_allclose(r @ r.T, np.eye(dim), atol=1e-12)
+    blocks = np.arange(dim) // rot.nb
+    assert np.all(r[blocks[:, None] != blocks[None, :]] == 0) and np.count_nonzero(r) == dim * rot.nb
+    assert rot.matmul_macs_per_row() == dim * rot.nb
+    nodes, inits, out = onnx_rotation("x", rot, "t")
+    assert [n.op_type for n in nodes].count("MatMul") == 1 and "Transpose" not in [n.op_type for n in nodes]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, dim])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+                                .SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 7, dim)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], rot.apply(x), atol=1e-5)
+    import torch
+
+    np.testing.assert_allclose(rot.apply_torch(torch.from_numpy(x.astype(np.float64))).numpy(), rot.apply(x), atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def massive_setup(massive_mistral):
     spec = spec_from_model_dir(massive_mistral, "demo:tiny-mistral")
