@@ -29,9 +29,9 @@ def calibrate(
     pairs: Optional[int] = typer.Option(None, help="Use only the first N held-out scored STS pairs (default: all)."),
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
-    rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (the Q/DQ form of "
-                                 "last-token models) | on (also the CPU form's folded and rotated candidates) | off; see "
-                                 "docs/int8.md."),
+    rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (last-token models: the "
+                                 "Q/DQ form, and the CPU form's folded and rotated candidates) | on (every model) | off; "
+                                 "see docs/int8.md."),
     prefix_float: Optional[int] = typer.Option(None, help="W8A8: keep the first N positions' activations float "
                                                "(default: 1 when the Q/DQ form is rotated, else 0)."),
     pooled_float: bool = typer.Option(True, help="W8A8, last-token models: keep each text's pooled row's "
