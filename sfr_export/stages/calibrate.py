@@ -601,7 +601,8 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
                                          "Reshape", "weights": "W R, folded one tensor at a time"},
                      "residual_fold": {"ops": "the embedding table E Q, writers Q^T W, readers W diag(g) Q, MatMul x Q^T "
                                               "before the final norm's scale; the float channels: Mul (mask), Gather, "
-                                              "MatMul, Add"}}}
+                                              "MatMul, Add; down_proj's input: Reshape, MatMul (random-sign "
+                                              "block-Hadamard), Reshape"}}}
 
 
 # ------------------------------------------------------------------------------------------------------------------
