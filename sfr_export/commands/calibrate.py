@@ -30,8 +30,8 @@ def calibrate(
     reference_dtype: str = typer.Option("auto", help="Torch model for calibration and the reference: float32 | "
                                         "bfloat16 | auto (bf16 above 8 GiB of fp32 weights)."),
     rotation: str = typer.Option("auto", help="Online rotations of the linear inputs: auto (last-token models: the "
-                                 "Q/DQ form, and the CPU form's folded and rotated candidates) | on (every model) | off; "
-                                 "see docs/int8.md."),
+                                 "Q/DQ form and the CPU form's folded candidate) | on (every model, and the CPU "
+                                 "form's rotated candidate too) | off; see docs/int8.md."),
     prefix_float: Optional[int] = typer.Option(None, help="W8A8: keep the first N positions' activations float "
                                                "(default: 1 when the Q/DQ form is rotated, else 0)."),
     pooled_float: bool = typer.Option(True, help="W8A8, last-token models: keep each text's pooled row's "

@@ -64,10 +64,10 @@ class CalibrateConfig:
     # at min cos >= 0.99999): "auto" rotates the Q/DQ (TensorRT) form of last-token models, with the first position
     # and the pooled row float, so that its static per-tensor scales hold: on real SmolLM2 the build then runs 207 of
     # 210 linears W8A8 (98.5% of the MACs), cos 0.9989 on held-out texts (docs/int8.md); without rotation SmolLM2's
-    # Q/DQ form is weight-only. The CPU form of those models then tries its folded and rotated candidates after plain
-    # row8: on a VNNI CPU they ran 2.3x torch fp32 at B8 x L128 with expected dSpearman -0.04 on all 1,379 STSB test
-    # pairs, where the unrotated search chose nbits8 + 5% float: 1.4x, -0.29 (docs/int8.md). "on": the same for
-    # every model; "off": neither
+    # Q/DQ form is weight-only. The CPU form of those models then tries its folded candidate after plain row8: on a
+    # VNNI CPU it ran 2.35-2.57x torch fp32 at B8 x L128 with expected dSpearman -0.04 on all 1,379 STSB test pairs,
+    # where the unrotated search chose nbits8 + 5% float: 1.4x, -0.29 (docs/int8.md). "on": every model, and the CPU
+    # form's per-linear rotated candidate too; "off": neither
     rotation: RotationMode = RotationMode.AUTO
     # W8A8 (TensorRT form): the first N positions keep float activations (their own MatMul on the same int8 weight)
     # and are left out of the static ranges: a causal decoder's first token carries the massive activations
@@ -108,11 +108,15 @@ class CalibrateConfig:
         auto = self.rotation is RotationMode.AUTO and last_token and self.alpha() is None
         return self.rotation is RotationMode.ON or auto
 
-    def rotate_cpu(self, last_token: bool) -> bool:
-        """Does the CPU form try its folded and rotated candidates? As ``rotate``: on a VNNI CPU (real SmolLM2, all
-        1,379 STSB test pairs) they ran 2.3x torch fp32 at expected dSpearman -0.04, where the unrotated search's
-        choice ran 1.4x at -0.29 (docs/int8.md)."""
+    def fold_cpu(self, last_token: bool) -> bool:
+        """Does the CPU form try its folded candidate? As ``rotate``: on a VNNI CPU (real SmolLM2, all 1,379 STSB
+        test pairs) it ran 2.35-2.57x torch fp32 at expected dSpearman -0.04, where the unrotated search's choice ran
+        1.4x at -0.29 (docs/int8.md)."""
         return self.rotate(last_token)
+
+    def rotate_cpu(self) -> bool:
+        """Does the CPU form try its per-linear rotated candidate? Only with "on" (see ``cpu_candidates``)."""
+        return self.rotation is RotationMode.ON
 
     def prefix(self, last_token: bool) -> int:
         """Leading positions the W8A8 MatMuls keep float."""
@@ -386,7 +390,7 @@ def _calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
                                   "pooled_rows_float": _pooled_float(inp)}
     info = _write_qdq(inp, sel, thresholds, norm_updates)
     result: dict[str, Any] = {"figures": figures, "int8": {"build": info, "modes": sel.modes}}
-    if cfg.cpu_form and cfg.rotate_cpu(inp.last_token):
+    if cfg.cpu_form and cfg.fold_cpu(inp.last_token):
         inp.fold_channels = _fold_channels(inp)
     inp.ev.embed = None  # its closure holds the torch model
     inp.model = None
@@ -453,7 +457,7 @@ class CpuCandidate:
 
 
 def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[str], *,
-                   last_token: bool = False, rotate: bool = True) -> list[CpuCandidate]:
+                   last_token: bool = False, fold: bool = True, rotate: bool = True) -> list[CpuCandidate]:
     """The CPU form's candidates, fastest first. Measured on real SmolLM2, B8 x L128, one thread, against torch fp32
     eager: ``row8`` ~2.5-2.9x, ``row8`` rotated ~2.2-2.5x (docs/int8.md), ``nbits8`` ~0.9x. ``row8`` (per-token
     activation scales) fails where activation outliers sit inside a token (real SmolLM2: channel outliers and the
@@ -466,12 +470,14 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     rot = frozenset(n for n in names if not n.endswith(CPU_ROTATION_SKIP))
     rotated = (CpuCandidate("row8 rotated, pooled rows exact", {n: "row8" for n in names}, rot, pooled_exact=True)
                if last_token else CpuCandidate("row8 rotated", {n: "row8" for n in names}, rot))
-    # rotate (--rotation auto for last-token models, or on): the fold first, which removes two of the three online
-    # rotations per layer; the build's realized-delta guard refused it once on 964 dev pairs (docs/int8.md)
+    # fold (--rotation auto for last-token models, or on): the residual fold, which removes two of the three online
+    # rotations per layer. rotate (--rotation on): the per-linear rotations; not in auto, because with the recipe's
+    # seed that form realized dSpearman -0.32 and -0.41 on all 1,379 STSB test pairs in two SmolLM2 builds (expected
+    # -0.05), where the folded forms realized -0.11 to +0.10 (docs/int8.md)
     folded = CpuCandidate(f"row8 folded, {FOLD_FLOAT_CHANNELS} residual channels float" + (", pooled rows exact" if last_token else ""),
                           {n: "row8" for n in names}, frozenset(n for n in names if n.endswith("down_proj")),
                           pooled_exact=last_token, fold=True)
-    out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([folded, rotated] if rotate else [])
+    out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([folded] if fold else []) + ([rotated] if rotate else [])
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
     if w8a8 and len(w8a8) < len(names) and w8a8 != set(names) - few:
@@ -572,7 +578,7 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     cand = None
     fold: Any = None
     for cand in cpu_candidates(list(inp.mapping), sel.sensitivity_w8a8, w8a8, last_token=inp.last_token,
-                               rotate=inp.cfg.rotate_cpu(inp.last_token)):
+                               fold=inp.cfg.fold_cpu(inp.last_token), rotate=inp.cfg.rotate_cpu()):
         if cand.fold:
             fold = _plan_fold(inp, out)
             if fold is None:
