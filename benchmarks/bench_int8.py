@@ -464,7 +464,7 @@ def _sts_sets(other: bool, cap: int) -> list[tuple[str, list[str], np.ndarray]]:
 
 def time_alternating(fns: dict[str, Any], shapes: dict[tuple[int, int], int], vocab: tuple[int, int] = (100, 30000)) -> dict:
     """tokens/s of each ``fn(ids, mask)`` at each [B, L] shape (reps timed runs each), the functions alternating
-    within every rep, medians; ``x_<first>`` is each one's speed against the first function's."""
+    within every rep, medians; ``x_torch_fp32`` is each one's speed against the first function's (torch fp32)."""
     res = {}
     base = next(iter(fns))
     for (b, length), n in shapes.items():
@@ -499,8 +499,9 @@ def _smol_speed(root: Path, variants: dict[str, tuple[str, Path]], reps: dict[tu
         return time_alternating(fns, reps)
 
 
-def _smol_linear_macs_per_token() -> int:
-    h, i, kv, layers = 576, 1536, 192, 30
+def _smol_linear_macs_per_token(h: int = 576, i: int = 1536, kv: int = 192, layers: int = 30) -> int:
+    """Linear multiply-adds per token of a Llama/Mistral decoder (q, o: h x h; k, v: h x kv; gate, up, down: h x i);
+    the defaults are SmolLM2-135M's."""
     return layers * (h * h * 2 + h * kv * 2 + 3 * h * i)
 
 

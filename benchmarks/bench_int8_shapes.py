@@ -147,10 +147,13 @@ def cmd_time(args) -> dict:
         res["timing_seconds"] = time.perf_counter() - t
     Path(args.out).write_text(json.dumps(res, indent=2))  # kept if the peak measurement below fails
     res["gemm_peaks"] = gemm_peaks(threads=args.threads)
-    if "SmolLM2" in str(meta["model"]) or "smollm2" in str(meta["model"]):
-        peak = res["gemm_peaks"]["int8_gops"]
-        for v in res["speed"]["B8xL128"].values():  # linear MACs only (attention excluded)
-            v["fraction_of_int8_peak"] = 2 * _smol_linear_macs_per_token() * v["tokens_per_s"] / 1e9 / peak
+    cfg = json.loads((pack / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    h = cfg["hidden_size"]
+    macs = _smol_linear_macs_per_token(h, cfg["intermediate_size"], h * kv_heads // heads, cfg["num_hidden_layers"])
+    peak = res["gemm_peaks"]["int8_gops"]
+    for v in res["speed"]["B8xL128"].values():  # linear MACs only (attention excluded)
+        v["fraction_of_int8_peak"] = 2 * macs * v["tokens_per_s"] / 1e9 / peak
     return res
 
 
