@@ -214,6 +214,7 @@ class _Edit:
     node_form: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # MatMul node -> (mode, tensors)
     shared: dict[str, str] = field(default_factory=dict)  # per-activation tensors made once (Q/DQ, row8, rotation)
     qdq_pairs: int = 0
+    opset: int = 23  # the graph's default-domain opset (blocked QuantizeLinear needs 21)
 
 
 # --- one writer per form: the weight side (called once per MatMul, one tensor at a time) ---------------------------
@@ -383,17 +384,17 @@ def _row8_matmul(e: _Edit, n: Any, a: str, nodes: list[Any]) -> Any:
                         helper.make_tensor("sfr_row8_axes", TensorProto.INT64, [1], [-1])]
     key, p = f"row8:{a}", f"{a}_row8"
     if key not in e.shared:
-        # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); x / scale is in [-127, 127];
-        # QuantizeLinear(1, 128) rounds, shifts, saturates and casts in one pass
+        # scale = max|x_row| / 127 (+ a floor so an all-zero row gives 0, not NaN); a blocked QuantizeLinear (one
+        # block per row: scale and zero point [.., 1]) divides, rounds, shifts by 128, saturates and casts in one
+        # pass (bit-identical to Div + QuantizeLinear(1, 128), and 2x as fast on a B8 x L128 x 576 activation)
         nodes += [helper.make_node("Abs", [a], [f"{p}_abs"], name=f"{p}_Abs"),
                   helper.make_node("ReduceMax", [f"{p}_abs", "sfr_row8_axes"], [f"{p}_max"], name=f"{p}_Max", keepdims=1),
                   helper.make_node("Mul", [f"{p}_max", "sfr_row8_inv127"], [f"{p}_s0"], name=f"{p}_S0"),
-                  helper.make_node("Max", [f"{p}_s0", "sfr_row8_eps"], [f"{p}_scale"], name=f"{p}_Scale"),
-                  helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
-                  helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
+                  helper.make_node("Max", [f"{p}_s0", "sfr_row8_eps"], [f"{p}_scale"], name=f"{p}_Scale")]
+        nodes += _row_quantize(a, p, int(e.node_form[n.name][1][2]), e.opset)
         e.shared[key] = f"{p}_u8|{p}_scale"
         if e.plan.pooled_exact:
-            _pooled_digit(e, p, nodes)
+            _pooled_digit(e, a, p, nodes)
     qa, sa = e.shared[key].split("|")
     wq, ws = e.node_form[n.name][1][:2]
     out = n.output[0]
@@ -408,6 +409,19 @@ def _row8_matmul(e: _Edit, n: Any, a: str, nodes: list[Any]) -> Any:
               helper.make_node("Mul", [f"{out}_d2", f"{p}_d2_scale"], [f"{out}_d2s"], name=f"{n.name}_R8_d2_scale")]
     return helper.make_node("ScatterND", [scaled, "sfr_pooled_idx", f"{out}_d2s"], [out], name=f"{n.name}_R8_pooled",
                             reduction="add")
+
+
+def _row_quantize(a: str, p: str, k: int, opset: int) -> list[Any]:
+    """``{p}_u8 = round(a / {p}_scale) + 128`` (u8, saturated), each row of ``k`` channels with its own scale."""
+    from onnx import helper
+
+    if opset < 21:  # no blocked QuantizeLinear: divide, then QuantizeLinear(1, 128)
+        return [helper.make_node("Div", [a, f"{p}_scale"], [f"{p}_x"], name=f"{p}_Div"),
+                helper.make_node("QuantizeLinear", [f"{p}_x", "sfr_row8_one", "sfr_row8_zp"], [f"{p}_u8"], name=f"{p}_Q")]
+    return [helper.make_node("Shape", [f"{p}_scale"], [f"{p}_rows"], name=f"{p}_Rows"),
+            helper.make_node("Expand", ["sfr_row8_zp", f"{p}_rows"], [f"{p}_zp"], name=f"{p}_Zp"),
+            helper.make_node("QuantizeLinear", [a, f"{p}_scale", f"{p}_zp"], [f"{p}_u8"], name=f"{p}_Q", axis=-1,
+                             block_size=k)]
 
 
 def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
@@ -433,10 +447,10 @@ def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
               helper.make_node("Concat", ["sfr_pi_rows2", "sfr_pi_last"], ["sfr_pooled_idx"], name="sfr_pi_Idx", axis=1)]
 
 
-def _pooled_digit(e: _Edit, p: str, nodes: list[Any]) -> None:
-    """The pooled rows' second digit of activation ``p``: the residual ``r = x - round(x)`` of ``x = a / scale`` lies
-    in [-0.5, 0.5], so ``round(254 r)`` is exact int8 (``{p}_d2_u8`` [B, K], u8 zero point 128) with the fixed scale
-    1/254 times the row's (``{p}_d2_scale`` [B, 1])."""
+def _pooled_digit(e: _Edit, a: str, p: str, nodes: list[Any]) -> None:
+    """The pooled rows' second digit of activation ``a`` (quantized as ``p``): the residual ``r = x - round(x)`` of
+    ``x = a / scale`` lies in [-0.5, 0.5], so ``round(254 r)`` is exact int8 (``{p}_d2_u8`` [B, K], u8 zero point 128)
+    with the fixed scale 1/254 times the row's (``{p}_d2_scale`` [B, 1])."""
     from onnx import TensorProto, helper
 
     if "sfr_d2_step" not in e.shared:
@@ -444,11 +458,12 @@ def _pooled_digit(e: _Edit, p: str, nodes: list[Any]) -> None:
         e.new_inits += [helper.make_tensor("sfr_d2_step", TensorProto.FLOAT, [], [0.5 / QMAX])]
         e.shared["sfr_d2_step"] = "sfr_d2_step"
     d = f"{p}_d2"
-    nodes += [helper.make_node("GatherND", [f"{p}_x", "sfr_pooled_idx"], [f"{d}_x"], name=f"{d}_GatherX"),
+    nodes += [helper.make_node("GatherND", [a, "sfr_pooled_idx"], [f"{d}_a"], name=f"{d}_GatherA"),
+              helper.make_node("GatherND", [f"{p}_scale", "sfr_pooled_idx"], [f"{d}_row"], name=f"{d}_GatherScale"),
+              helper.make_node("Div", [f"{d}_a", f"{d}_row"], [f"{d}_x"], name=f"{d}_Div"),
               helper.make_node("Round", [f"{d}_x"], [f"{d}_q1"], name=f"{d}_Round"),
               helper.make_node("Sub", [f"{d}_x", f"{d}_q1"], [f"{d}_r"], name=f"{d}_Residual"),
               helper.make_node("QuantizeLinear", [f"{d}_r", "sfr_d2_step", "sfr_row8_zp"], [f"{d}_u8"], name=f"{d}_Q"),
-              helper.make_node("GatherND", [f"{p}_scale", "sfr_pooled_idx"], [f"{d}_row"], name=f"{d}_GatherScale"),
               helper.make_node("Mul", [f"{d}_row", "sfr_d2_step"], [f"{d}_scale"], name=f"{d}_Scale")]
 
 
@@ -529,7 +544,8 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
 
     model = onnx.load(str(src_path), load_external_data=False)
     total = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-    e = _Edit(TensorWriter(out_path, external=total > EXTERNAL_THRESHOLD), plan)
+    e = _Edit(TensorWriter(out_path, external=total > EXTERNAL_THRESHOLD), plan,
+              opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0))
     by_node = {m.node: m for m in mapping.values()}
     counts = {m: 0 for m in MODES}
     try:

@@ -184,9 +184,11 @@ def _tiny_mapping(src):
     return map_matmuls(onnx.load(str(src), load_external_data=False), lin)
 
 
-def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
+@pytest.mark.parametrize("opset", [18, 23], ids=["Div+QuantizeLinear", "blocked QuantizeLinear"])
+def test_row8_matmul_is_per_token_symmetric_int8(tmp_path, opset):
     """row8 = activation rows quantized symmetric int8 at run time (scale max|row|/127), weight columns per channel,
-    int32 accumulation: ONNX Runtime's output equals that arithmetic done in numpy; an all-zero row stays zero."""
+    int32 accumulation: ONNX Runtime's output equals that arithmetic done in numpy; an all-zero row stays zero. From
+    opset 21 one blocked QuantizeLinear (a block per row) does the division, below it a Div."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -201,10 +203,12 @@ def test_row8_matmul_is_per_token_symmetric_int8(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "L", n])],
                           [numpy_helper.from_array(w, "w")])
     src = tmp_path / "mm.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(src))
     out = tmp_path / "row8.onnx"
     build_quantized(src, out, {"lin": MatMulInfo("lin", "mm", "w", "x")}, QuantPlan({"lin": "row8"}, {}),
                     weight_of=lambda _: w.T, bias_of=lambda _: None)
+    ops = {nd.op_type for nd in onnx.load(str(out)).graph.node}
+    assert ("Div" in ops) == (opset < 21)
     x = rng.normal(0, 1, (2, 5, k)).astype(np.float32)
     x[0, 1, 3] = 40.0  # an outlier inflates only its own row's scale
     x[1, 2] = 0.0
