@@ -281,6 +281,8 @@ def sample_recipe(recipe: Recipe, tokenizer: Any, spec: ModelSpec, *,
     if recipe.holdout_pairs is not None:
         pairs = read_jsonl_pairs(recipe.holdout_pairs)
         check_no_leakage(((recipe.holdout_pairs.name, t) for a, b, _ in pairs for t in (a, b)), protected)
+        drawn = {c.raw for c in picked}  # a pair holding a text this build calibrated or held out is not held out
+        pairs = [p for p in pairs if p[0] not in drawn and p[1] not in drawn]
     return CalibrationSet(calibration=calib, holdout=holdout, pairs=pairs)
 
 

@@ -50,6 +50,20 @@ def test_default_recipe_samples_deterministically_with_the_length_mix(tok_spec):
     assert toks[len(toks) // 10] <= 24 and toks[-len(toks) // 10] > 64
 
 
+
+def test_held_out_pairs_hold_no_drawn_text(tok_spec):
+    """The gate's scored pairs are every shipped pair whose texts this build neither calibrated on nor held out: the
+    more pairs, the lower the realized ΔSpearman's noise floor (1/sqrt(pairs))."""
+    tt, spec = tok_spec
+    r = load_recipe("default")
+    shipped = [json.loads(line) for line in r.holdout_pairs.read_text(encoding="utf-8").splitlines()]
+    for samples, holdout in ((None, None), (64, 24)):
+        cs = sample_recipe(load_recipe("default", samples=samples, holdout=holdout), tt, spec)
+        drawn = {c.raw for c in cs.calibration + cs.holdout}
+        assert not {t for a, b, _ in cs.pairs for t in (a, b)} & drawn
+        touching = [x for x in shipped if x["text1"] in drawn or x["text2"] in drawn]
+        assert touching and len(cs.pairs) == len(shipped) - len(touching) >= 1300
+
 def test_recipe_errors(tmp_path):
     data = _write(tmp_path / "d.jsonl", '{"text": "a passage about cells"}\n' * 4)
     with pytest.raises(UserInputError, match="unknown task type 'poetry'"):
