@@ -19,7 +19,8 @@ Rows (every linear W8A8: int8 weights per output channel, per-token int8 activat
 - ``+downK``: ``down_proj``'s input is not rotated online; its K input channels of largest median |x| (per layer,
   on the calibration texts) stay float instead (``+down0``: plain per-token int8 there).
 - ``+downhad``: ``down_proj``'s online rotation is the random-sign block-Hadamard factor alone (64-channel
-  blocks), without the orthogonal factor that mixes the blocks (one MatMul instead of two and a Transpose).
+  blocks), without the orthogonal factor that mixes the blocks (one MatMul instead of two and a Transpose);
+  ``+downhadN``: in N-channel blocks (N a power of two up to 64; the online MatMul's cost is linear in N).
 - ``+pos0``: position 0 (the attention sink) keeps float activations everywhere.
 
 Why the fold costs fidelity (the hypothesis this probe tests): before the fold, the norm scale ``g`` shrinks the
@@ -60,17 +61,18 @@ class FoldRow:
     pos0: bool = False
     ident: bool = False  # the kept channels stay out of Q (g kept on them) but are quantized with the rest
     down: int = -1  # -1: down_proj's input rotated online; K >= 0: not rotated, its K most massive channels float
-    down_hadamard: bool = False  # down_proj's online rotation is the block-Hadamard factor alone (no orthogonal mix)
+    down_hadamard: int = 0  # > 0: down_proj's online rotation is a random-sign block-Hadamard alone, blocks of this size
 
     @classmethod
     def parse(cls, name: str) -> "FoldRow":
         base, *opts = name.split("+")
         num = {o.rstrip("0123456789"): int(o[len(o.rstrip("0123456789")):]) for o in opts if o[-1:].isdigit()}
-        known = all(o in ("pos0", "downhad") or o.rstrip("0123456789") in ("keep", "ident", "down") and o[-1:].isdigit() for o in opts)
+        known = all(o in ("pos0", "downhad") or o.rstrip("0123456789") in ("keep", "ident", "down", "downhad") and o[-1:].isdigit() for o in opts)
         if base not in ("rot", "fold") or not known or (num and base != "fold") or ("keep" in num and "ident" in num):
-            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK|+identK][+downK|+downhad][+pos0]")
+            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK|+identK][+downK|+downhad[N]][+pos0]")
+        had = num.get("downhad", 64 if "downhad" in opts else 0)
         return cls(name, fold=base == "fold", keep=num.get("keep", num.get("ident", 0)), pos0="pos0" in opts,
-                   ident="ident" in num, down=num.get("down", -1), down_hadamard="downhad" in opts)
+                   ident="ident" in num, down=num.get("down", -1), down_hadamard=had)
 
 
 def down_channels(model: Any, batches: list[Any], k: int) -> dict[str, Any]:
@@ -166,8 +168,8 @@ def w8a8(model: Any, row: FoldRow, keep: dict[str, Any]) -> Iterator[None]:
             h.remove()
 
 
-def _hadamard_only(model: Any, seed: int) -> None:
-    """``down_proj``'s input times the stage's random-sign block-Hadamard factor alone (blocks of ``nb`` channels)."""
+def _hadamard_only(model: Any, seed: int, nb: int) -> None:
+    """``down_proj``'s input times the stage's random-sign block-Hadamard factor alone, in blocks of ``nb`` channels."""
     import torch
 
     from sfr_export.quant.observe import linear_modules
@@ -175,8 +177,7 @@ def _hadamard_only(model: Any, seed: int) -> None:
 
     for n, mod in linear_modules(model).items():
         if n.endswith("down_proj"):
-            r = make_rotation(int(mod.weight.shape[1]), seed)
-            r = Rotation(dim=r.dim, a=np.eye(r.na), h=r.h)
+            r = make_rotation(int(mod.weight.shape[1]), seed).block_only(nb)
             with torch.no_grad():
                 mod.weight.copy_(torch.from_numpy(r.apply(mod.weight.detach().double().numpy())).to(mod.weight.dtype))
             mod.register_forward_pre_hook(_rotate_input(r))
@@ -199,7 +200,7 @@ def prepare(model: Any, row: FoldRow, calib: list[Any], seed: int) -> tuple[Any,
     fold_residual(m, torch.from_numpy(residual_rotation(m.config.hidden_size, keep, seed)), keep)
     floats = {n: torch.tensor(keep) for n in names if n.endswith(READERS)} if row.keep and not row.ident else {}
     if row.down_hadamard:
-        _hadamard_only(m, seed)
+        _hadamard_only(m, seed, row.down_hadamard)
     elif row.down < 0:
         rotate_model(m, [n for n in names if n.endswith("down_proj")], seed=seed)
     elif row.down > 0:

@@ -41,9 +41,14 @@ class Rotation:
     h: np.ndarray  # [nb, nb] Hadamard / sqrt(nb) with random row signs (float64)
     mix: bool = True  # False: the block-Hadamard factor alone (``a`` unused): blocks of nb channels, none mixed
 
-    def block_only(self) -> "Rotation":
-        """The random-sign block-Hadamard factor alone: ``x -> x (I_na kron Hs)``, one MatMul online."""
-        return Rotation(dim=self.dim, a=np.eye(self.na), h=self.h, mix=False)
+    def block_only(self, nb: int | None = None) -> "Rotation":
+        """The random-sign block-Hadamard factor alone: ``x -> x (I kron Hs)``, one MatMul online, in blocks of ``nb``
+        channels (default: this rotation's ``nb``; a smaller power of two takes the leading block's signs)."""
+        nb = self.nb if nb is None else nb
+        if nb > self.nb or nb & (nb - 1) or self.dim % nb:
+            raise ValueError(f"block-Hadamard of {nb} channels for a rotation of {self.dim} in blocks of {self.nb}")
+        h = self.h if nb == self.nb else np.sign(np.diag(self.h @ hadamard(self.nb).T))[:nb, None] * hadamard(nb) / np.sqrt(nb)
+        return Rotation(dim=self.dim, a=np.eye(self.dim // nb), h=h, mix=False)
 
     @property
     def na(self) -> int:

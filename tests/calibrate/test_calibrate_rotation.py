@@ -40,16 +40,19 @@ def test_rotation_is_orthogonal_and_cheap(dim):
     np.testing.assert_allclose(rot.apply_torch(torch.from_numpy(x)).numpy(), rot.apply(x), atol=1e-12)
 
 
-@pytest.mark.parametrize("dim", [576, 1536])
-def test_block_only_rotation_is_block_diagonal_and_one_matmul_in_onnx(dim):
-    """The fold's down_proj rotation: the block-Hadamard factor alone, orthogonal, no channel leaves its block, and
-    the ONNX nodes compute what the weights are rotated with."""
+@pytest.mark.parametrize("dim, nb", [(576, None), (1536, None), (1536, 32)])
+def test_block_only_rotation_is_block_diagonal_and_one_matmul_in_onnx(dim, nb):
+    """The fold's down_proj rotation: the block-Hadamard factor alone (optionally in smaller blocks), orthogonal, no
+    channel leaves its block, and the ONNX nodes compute what the weights are rotated with."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from sfr_export.quant.rotation import onnx_rotation
 
-    rot = make_rotation(dim, seed=3).block_only()
+    rot = make_rotation(dim, seed=3).block_only(nb)
+    assert rot.nb == (nb or 64)
+    with pytest.raises(ValueError):
+        make_rotation(dim, seed=3).block_only(48)
     r = rot.apply(np.eye(dim))
     np.testing.assert_allclose(r @ r.T, np.eye(dim), atol=1e-12)
     blocks = np.arange(dim) // rot.nb
