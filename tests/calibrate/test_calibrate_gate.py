@@ -44,3 +44,6 @@ def test_gate_decides_on_the_expected_delta():
     assert t.met(Fidelity(**base, spearman_delta=-0.6, spearman_expected=-0.1, spearman_expected_noise=0.05))
     # the realized delta still guards against what the expectation cannot see (error aligned with the gold scores)
     assert not t.met(Fidelity(**base, spearman_delta=-2.0, spearman_expected=-0.1, spearman_expected_noise=0.05))
+    # that guard measures the realized delta's departure from the expected loss, not its distance from zero
+    assert t.met(Fidelity(**base, spearman_delta=-0.95, spearman_expected=-0.25, spearman_expected_noise=0.05))
+    assert not t.met(Fidelity(**base, spearman_delta=-0.95, spearman_expected=0.0, spearman_expected_noise=0.05))
