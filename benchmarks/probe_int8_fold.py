@@ -173,7 +173,7 @@ def _hadamard_only(model: Any, seed: int, nb: int) -> None:
     import torch
 
     from sfr_export.quant.observe import linear_modules
-    from sfr_export.quant.rotation import Rotation, _rotate_input, make_rotation
+    from sfr_export.quant.rotation import _rotate_input, make_rotation
 
     for n, mod in linear_modules(model).items():
         if n.endswith("down_proj"):

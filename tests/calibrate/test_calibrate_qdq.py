@@ -189,7 +189,6 @@ def test_row8_matmul_is_per_token_symmetric_int8(tmp_path, opset):
     """row8 = activation rows quantized symmetric int8 at run time (scale max|row|/127), weight columns per channel,
     int32 accumulation: ONNX Runtime's output equals that arithmetic done in numpy; an all-zero row stays zero. From
     opset 21 one blocked QuantizeLinear (a block per row) does the division, below it a Div."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from sfr_export.quant.observe import quantize_weight
@@ -235,7 +234,6 @@ def _run(path, feeds):
 def test_row8_pooled_rows_get_a_second_digit(tmp_path):
     """pooled_exact: each text's last attended row (either padding side) is x ~ s (q1 + s2 q2), two int8 digits
     through the same int8 weight, so that row is ~15-bit exact; every other row is plain row8."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from sfr_export.quant.observe import quantize_weight
