@@ -400,6 +400,8 @@ def _smol_artifact(args) -> Path:
 def _lever_models(root: Path, work: Path, only: str = "") -> dict[str, Path]:
     """The lever table's CPU variants: the calibrate stage's own candidates that need no sensitivity ranking, plus
     float weights rotated (an exactness check of the rotation), written by the stage's own writer."""
+    from dataclasses import replace
+
     import onnx
 
     from sfr_export.artifact import Manifest, load_spec
@@ -418,6 +420,10 @@ def _lever_models(root: Path, work: Path, only: str = "") -> dict[str, Path]:
              if len(set(c.modes.values())) == 1 and any(x in c.label for x in only.split(","))]  # one mode: no sensitivity order
     if not only or "exactness" in only:
         cands.append(CpuCandidate("float, rotated (exactness)", {n: "float" for n in mapping}, frozenset(mapping)))
+    if "int8pooled" in only:  # the folded candidate with the pooled row plain per-token int8 (no second digit)
+        base = next(c for c in cpu_candidates(list(mapping), {}, set(), last_token=True) if c.fold)
+        cands.append(replace(base, label=base.label.replace("pooled rows exact", "pooled rows int8 (int8pooled)"),
+                             pooled_exact=False))
     fold = _lever_fold(root, src, mapping, model) if any(c.fold for c in cands) else None
     del model
     out = {}
@@ -607,7 +613,8 @@ def main() -> None:
     ap.add_argument("what", choices=["fidelity", "speed", "peer", "smollm2", "all"])
     ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
     ap.add_argument("--levers", nargs="?", const="", default=None, help="smollm2: also the lever variants (row8, "
-                    "folded, rotated, nbits8); a value keeps the levers whose label holds one of its comma-separated words")
+                    "folded, rotated, nbits8); a value keeps the levers whose label holds one of its comma-separated words "
+                    "('int8pooled' adds the folded form without the pooled row's second digit)")
     ap.add_argument("--other-sts", action="store_true", help="smollm2: also STS13-16 and BIOSSES")
     ap.add_argument("--other-sts-pairs", type=int, default=400, help="smollm2: pairs per other STS set (seeded subsample)")
     ap.add_argument("--other-sts-skip", default="", help="smollm2: comma-separated substrings of offered forms not to "
