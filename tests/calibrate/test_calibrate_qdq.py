@@ -231,9 +231,10 @@ def _run(path, feeds):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def test_row8_pooled_rows_get_a_second_digit(tmp_path):
+@pytest.mark.parametrize("opset", [18, 23], ids=["Div+QuantizeLinear", "blocked QuantizeLinear"])
+def test_row8_pooled_rows_get_a_second_digit(tmp_path, opset):
     """pooled_exact: each text's last attended row (either padding side) is x ~ s (q1 + s2 q2), two int8 digits
-    through the same int8 weight, so that row is ~15-bit exact; every other row is plain row8."""
+    through the same int8 weight, so that row is ~15-bit exact; every other row is plain row8 (either quantizer)."""
     from onnx import TensorProto, helper
 
     from sfr_export.quant.observe import quantize_weight
@@ -250,7 +251,7 @@ def test_row8_pooled_rows_get_a_second_digit(tmp_path):
                            helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["B", "L", n])],
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(-w, "w2")])
     src = tmp_path / "mm.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), str(src))
     mapping = {"lin": MatMulInfo("lin", "mm", "w", "x"), "lin2": MatMulInfo("lin2", "mm2", "w2", "x")}
     paths = {}
     for exact in (False, True):
