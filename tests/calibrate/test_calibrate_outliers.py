@@ -88,3 +88,36 @@ def test_smoothquant_fold_is_equivalent_for_a_fixed_alpha(outlier_mistral):
     assert rep["applied"] == rep["groups"] == 8
     assert not np.allclose(w_before.numpy(), model.layers[0].mlp.down_proj.weight.detach().numpy())
     assert row_cosine(ref, embed(hold)).min() >= 0.99999
+
+
+def test_the_search_scores_the_pairs_once_for_the_form_it_keeps():
+    """Each scored pass embeds every held-out pair text (real SmolLM2: ~2,760 texts, minutes in torch): the search
+    runs on cosine alone and scores only the W8A8 form it keeps, not weight-only as well."""
+    from sfr_export.models.demo import materialize_demo
+
+    d = materialize_demo("demo:tiny-mistral")
+    spec = spec_from_model_dir(d, "demo:tiny-mistral")
+    tt = TextTokenizer(load_tokenizer(d), spec)
+    cs = sample_recipe(load_recipe("default", samples=16, holdout=16), tt, spec)
+    model = load_backbone(d)
+    names = list(obs.linear_modules(model))
+    calib = make_batches(tt, [c.text for c in cs.calibration], 8)
+    pairs = cs.pairs[:24]
+    pair_b = make_batches(tt, [a for a, _, _ in pairs] + [b for _, b, _ in pairs], 8)
+    embed = torch_embedder(model, spec)
+    passes = []
+
+    def counted(batches):
+        passes.append(batches is pair_b)
+        return embed(batches)
+
+    ev = sens.Evaluator(embed=counted, holdout_batches=make_batches(tt, [c.text for c in cs.holdout], 8),
+                        pair_batches=pair_b, gold=np.array([s for _, _, s in pairs]))
+    ev.reference()
+    _, thr = obs.observe(model, [(b.input_ids, b.attention_mask) for b in calib], names, obs.ObserveConfig())
+    passes.clear()
+    sel = sens.choose_modes(model, names, thr, ev, TARGETS)  # random weights: W8A8 holds everywhere
+    assert sel.met and sum(m == "w8a8" for m in sel.modes.values()) > 0
+    assert sum(passes) == 1, [h["config"] for h in sel.history]
+    assert sel.fidelity.spearman_delta is not None  # the kept form was scored on the pairs
+    assert sel.history[0]["config"] == "weight-only (cosine only)" and sel.history[0]["spearman_delta"] is None
