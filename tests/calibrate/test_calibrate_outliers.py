@@ -70,14 +70,19 @@ def test_outliers_break_naive_w8a8_and_smoothquant_plus_mixed_precision_recovers
             assert n in sel.float_reasons
 
 
-def test_smoothquant_fold_is_equivalent_for_a_fixed_alpha(outlier_mistral):
-    spec = spec_from_model_dir(outlier_mistral, "demo:tiny-mistral")
-    tt = TextTokenizer(load_tokenizer(outlier_mistral), spec)
+def _small_setup(model_dir):
+    """A tiny Mistral dir's spec, tokenizer, 16 + 16 sampled texts (batched), torch model and linear names."""
+    spec = spec_from_model_dir(model_dir, "demo:tiny-mistral")
+    tt = TextTokenizer(load_tokenizer(model_dir), spec)
     cs = sample_recipe(load_recipe("default", samples=16, holdout=16), tt, spec)
-    model = load_backbone(outlier_mistral)
-    names = list(obs.linear_modules(model))
+    model = load_backbone(model_dir)
     calib = make_batches(tt, [c.text for c in cs.calibration], 8)
     hold = make_batches(tt, [c.text for c in cs.holdout], 8)
+    return spec, tt, cs, model, list(obs.linear_modules(model)), calib, hold
+
+
+def test_smoothquant_fold_is_equivalent_for_a_fixed_alpha(outlier_mistral):
+    spec, _, _, model, names, calib, hold = _small_setup(outlier_mistral)
     embed = torch_embedder(model, spec)
     ref = embed(hold)
     stats, _ = obs.observe(model, [(b.input_ids, b.attention_mask) for b in calib], names, obs.ObserveConfig())
@@ -95,13 +100,7 @@ def test_the_search_scores_the_pairs_once_for_the_form_it_keeps():
     runs on cosine alone and scores only the W8A8 form it keeps, not weight-only as well."""
     from sfr_export.models.demo import materialize_demo
 
-    d = materialize_demo("demo:tiny-mistral")
-    spec = spec_from_model_dir(d, "demo:tiny-mistral")
-    tt = TextTokenizer(load_tokenizer(d), spec)
-    cs = sample_recipe(load_recipe("default", samples=16, holdout=16), tt, spec)
-    model = load_backbone(d)
-    names = list(obs.linear_modules(model))
-    calib = make_batches(tt, [c.text for c in cs.calibration], 8)
+    spec, tt, cs, model, names, calib, hold = _small_setup(materialize_demo("demo:tiny-mistral"))
     pairs = cs.pairs[:24]
     pair_b = make_batches(tt, [a for a, _, _ in pairs] + [b for _, b, _ in pairs], 8)
     embed = torch_embedder(model, spec)
@@ -111,8 +110,7 @@ def test_the_search_scores_the_pairs_once_for_the_form_it_keeps():
         passes.append(batches is pair_b)
         return embed(batches)
 
-    ev = sens.Evaluator(embed=counted, holdout_batches=make_batches(tt, [c.text for c in cs.holdout], 8),
-                        pair_batches=pair_b, gold=np.array([s for _, _, s in pairs]))
+    ev = sens.Evaluator(embed=counted, holdout_batches=hold, pair_batches=pair_b, gold=np.array([s for _, _, s in pairs]))
     ev.reference()
     _, thr = obs.observe(model, [(b.input_ids, b.attention_mask) for b in calib], names, obs.ObserveConfig())
     passes.clear()
