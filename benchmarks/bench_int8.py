@@ -81,6 +81,27 @@ def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return row_cosine(a, b)
 
 
+def embed_texts(runner: Any, tok: Any, texts: list[str]) -> np.ndarray:
+    """``texts`` embedded by a runner (infer(ids, mask)) in length-sorted batches of 32, returned in input order."""
+    from sfr_export.stages.calibrate import make_batches
+
+    out: dict[int, np.ndarray] = {}
+    for b in make_batches(tok, texts, 32):
+        out.update(zip(b.indices, runner.infer(b.input_ids, b.attention_mask)))
+    return np.stack([out[i] for i in range(len(texts))])
+
+
+def sts_row(ref: np.ndarray, out: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
+    """A candidate's figures on scored pairs (``ref``/``out``: first sentences, then second ones) against its
+    reference: cosine, realized and expected ΔSpearman with their floors, and whether the issue's targets hold."""
+    c = cos_rows(ref, out)
+    sp_ref, sp = sts_score(ref, gold), sts_score(out, gold)
+    return {"pairs": len(gold), "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)),
+            "cos_min": float(c.min()), "spearman_ref": sp_ref, "d_spearman": sp - sp_ref,
+            **spearman_figures(ref, out, gold, sp_ref),
+            "meets": bool(c.mean() >= 0.995 and np.percentile(c, 1) >= 0.98 and abs(sp - sp_ref) <= 0.3)}
+
+
 def encode_all(emb, s1, s2, tr) -> tuple[dict[str, np.ndarray], float, int]:
     t = time.perf_counter()
     out = {"s": emb.encode(s1 + s2, prompt="STSBenchmark"), "q": emb.encode_queries(list(tr.query_texts), task="TRECCOVID"),
@@ -544,7 +565,7 @@ def cmd_smollm2(args) -> dict:
     from sfr_export.quant.qdq import w8a8_mac_share
     from sfr_export.runtime import Embedder
     from sfr_export.runtime.ort_runner import OrtRunner
-    from sfr_export.stages.calibrate import QDQ_SESSION_CONFIG, make_batches
+    from sfr_export.stages.calibrate import QDQ_SESSION_CONFIG
 
     torch.set_num_threads(1)
     root = _smol_artifact(args)
@@ -555,16 +576,10 @@ def cmd_smollm2(args) -> dict:
     if qrec is not None:
         res["qdq"] = {**w8a8_mac_share(man.artifact_path("calibrate:int8", "onnx")),
                       "modes": qrec.figures["mixed_precision"]["modes"], "session": QDQ_SESSION_CONFIG}
-    def embed(runner: Any, tok: Any, texts: list[str]) -> np.ndarray:
-        out: dict[int, np.ndarray] = {}
-        for b in make_batches(tok, texts, 32):
-            out.update(zip(b.indices, runner.infer(b.input_ids, b.attention_mask)))
-        return np.stack([out[i] for i in range(len(texts))])
-
     with Embedder.from_artifact(root, backend="torch") as te:  # the artifact's tokenizer, spec and torch reference
         tok = te.tokenizer
         sets = [(name, te.spec.apply_prompt(texts, "STSBenchmark"), gold) for name, texts, gold in _sts_sets(args.other_sts, args.other_sts_pairs)]
-        refs = {} if args.no_fidelity else {name: embed(te.runner, tok, texts) for name, texts, _ in sets}
+        refs = {} if args.no_fidelity else {name: embed_texts(te.runner, tok, texts) for name, texts, _ in sets}
     for k, (cfg, path) in (variants.items() if not args.no_fidelity else ()):
         row = {}
         with OrtRunner(path, intra_op_threads=1, session_config=cfg) as r:
@@ -572,13 +587,7 @@ def cmd_smollm2(args) -> dict:
                 if (name != "STSBenchmark" and (not k.startswith("offered ") or _skipped(k, args.other_sts_skip))) or (
                         args.lever_speed_only and k.startswith("lever")):
                     continue  # other STS sets: the offered forms only
-                out = embed(r, tok, texts)
-                c = cos_rows(refs[name], out)
-                sp_ref, sp = sts_score(refs[name], gold), sts_score(out, gold)
-                row[name] = {"pairs": len(gold), "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)),
-                             "cos_min": float(c.min()), "d_spearman": sp - sp_ref,
-                             **spearman_figures(refs[name], out, gold, sp_ref),
-                             "meets": bool(c.mean() >= 0.995 and np.percentile(c, 1) >= 0.98 and abs(sp - sp_ref) <= 0.3)}
+                row[name] = sts_row(refs[name], embed_texts(r, tok, texts), gold)
         res["rows"][k] = row
         print(json.dumps({k: row}), flush=True)
     if not args.no_speed:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import DATA, cos_rows, spearman_figures, sts_score  # noqa: E402
+from bench_int8 import DATA, embed_texts, sts_row  # noqa: E402
 
 
 def genre_tasks(name: str, work: Path, limit: int | None) -> dict[str, object]:
@@ -38,29 +38,16 @@ def genre_tasks(name: str, work: Path, limit: int | None) -> dict[str, object]:
     return out
 
 
-def embed(runner, tok, texts: list[str]) -> np.ndarray:
-    from sfr_export.stages.calibrate import make_batches
-
-    out: dict[int, np.ndarray] = {}
-    for b in make_batches(tok, texts, 32):
-        out.update(zip(b.indices, runner.infer(b.input_ids, b.attention_mask)))
-    return np.stack([out[i] for i in range(len(texts))])
+def pair_cosines(emb: np.ndarray, n: int) -> np.ndarray:
+    return (emb[:n] * emb[n:]).sum(1)
 
 
-def figures(ref: np.ndarray, out: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    c = cos_rows(ref, out)
-    sp_ref = sts_score(ref, gold)
-    return {"pairs": len(gold), "cos_mean": float(c.mean()), "cos_p1": float(np.percentile(c, 1)), "spearman_ref": sp_ref,
-            "d_spearman": sts_score(out, gold) - sp_ref, **spearman_figures(ref, out, gold, sp_ref)}
-
-
-def without_genre_shift(ref: np.ndarray, out: np.ndarray, gold: np.ndarray, genre: np.ndarray) -> float:
-    """ΔSpearman (points) of the pooled set once each genre's mean pair-cosine shift (candidate - reference) is
-    subtracted from that genre's candidate cosines."""
+def without_genre_shift(s: np.ndarray, c: np.ndarray, gold: np.ndarray, genre: np.ndarray) -> float:
+    """ΔSpearman (points) of the pooled set once each genre's mean pair-cosine shift (candidate ``c`` - reference
+    ``s``) is subtracted from that genre's candidate cosines."""
     from scipy.stats import spearmanr
 
-    n = len(gold)
-    s, c = (ref[:n] * ref[n:]).sum(1), (out[:n] * out[n:]).sum(1)
+    c = c.copy()
     for g in np.unique(genre):
         m = genre == g
         c[m] -= (c[m] - s[m]).mean()
@@ -75,6 +62,10 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/sfr-probe-sts-genres", type=Path)
     ap.add_argument("--limit", type=int, default=None, help="the first N pairs of each genre only (a quick check)")
     args = ap.parse_args()
+    if not (args.artifact / "manifest.json").is_file():
+        ap.error(f"{args.artifact} is not an sfr-export artifact (no manifest.json)")
+    if not sorted((DATA / args.set).glob("*.test.tsv")):
+        ap.error(f"no genre files ({DATA / args.set}/*.test.tsv): --set takes STS13, STS14, STS15 or STS16")
     from sfr_export.artifact import Manifest
     from sfr_export.runtime import Embedder
     from sfr_export.runtime.ort_runner import OrtRunner
@@ -90,22 +81,22 @@ def main() -> None:
     man = Manifest.load(args.artifact)
     with Embedder.from_artifact(args.artifact, backend="torch") as te:
         tok, texts = te.tokenizer, te.spec.apply_prompt(a + b, "STSBenchmark")
-        ref = embed(te.runner, tok, texts)
+        ref = embed_texts(te.runner, tok, texts)
     np.save(args.out / "reference.npy", ref)
+    s = pair_cosines(ref, n)
     for v in args.variants.split(","):
         stage = man.stage(f"calibrate:{v}")
         with OrtRunner(man.artifact_path(stage.name, "onnx"), intra_op_threads=1,
                        session_config=stage.config.get("ort_session_config") or {}) as r:
-            out = embed(r, tok, texts)
+            out = embed_texts(r, tok, texts)
         np.save(args.out / f"{v}.npy", out)
+        c = pair_cosines(out, n)
         for g in [*tasks, "all"]:
             m = np.ones(n, bool) if g == "all" else genre_a == g
             idx = np.concatenate([np.where(m)[0], n + np.where(m)[0]])
-            row = figures(ref[idx], out[idx], gold_a[m])
-            ds = (out[idx][: m.sum()] * out[idx][m.sum():]).sum(1) - (ref[idx][: m.sum()] * ref[idx][m.sum():]).sum(1)
-            row["pair_cos_shift_mean"] = float(ds.mean())
+            row = {**sts_row(ref[idx], out[idx], gold_a[m]), "pair_cos_shift_mean": float((c - s)[m].mean())}
             if g == "all":
-                row["d_spearman_without_genre_shift"] = without_genre_shift(ref, out, gold_a, genre_a)
+                row["d_spearman_without_genre_shift"] = without_genre_shift(s, c, gold_a, genre_a)
             print(json.dumps({"variant": v, "genre": g, **row}), flush=True)
 
 
