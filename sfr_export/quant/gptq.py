@@ -1,0 +1,166 @@
+"""Error-compensated int8 weight rounding (GPTQ, arXiv 2210.17323) with the per-output-channel scales the int8 forms
+already use.
+
+Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns one at a time and spreads each
+column's rounding error over the columns not yet rounded, weighted by the inverse of ``H = sum x x^T`` (the
+second moment of the linear's input on calibration texts), so that ``W x`` moves as little as it can on those
+inputs. The scales stay those of round-to-nearest (``max |W_row| / 127``): only the integers change, so the graph,
+its ops and its speed do not.
+
+Why it matters here (docs/int8.md, "Weight rounding"): on real SmolLM2's folded form most of the error left is the
+weights', not the activations'. This module holds the numerics only; :func:`input_moments` gathers ``H`` in the
+basis the graph's MatMuls see, and the writers call :func:`gptq_int8` one weight at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CalibrationError
+from .observe import QMAX, weight_scales
+
+DAMP = 0.01  # the fraction of H's mean diagonal added to it (GPTQ's default): keeps the Cholesky factor stable
+BLOCK = 128  # columns rounded together before the rest of the matrix is updated (the result does not depend on it)
+
+
+def gptq_int8(w_kn: np.ndarray, h: np.ndarray, skip: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """``(q [K, N] int8, scale [N])`` for a ``[K, N]`` weight (ONNX MatMul layout) read by inputs with second moment
+    ``h`` [K, K]; the rows ``skip`` (inputs that stay float) are neither rounded nor compensated into (q is 0 there).
+
+    Columns are taken in order of decreasing ``h`` diagonal (GPTQ's act order) and the result is put back in place.
+    """
+    w = np.array(w_kn, dtype=np.float64).T  # [N, K]: one output channel per row, as GPTQ is written
+    k = w.shape[1]
+    if h.shape != (k, k):
+        raise ValueError(f"input moment {h.shape} does not match a weight with {k} inputs")
+    w[:, list(skip)] = 0.0
+    s = weight_scales(w, axis=0).astype(np.float64)
+    u, order = _inverse_factor(h, skip)
+    w = w[:, order]
+    q = np.empty_like(w)
+    for i0 in range(0, k, BLOCK):
+        i1 = min(i0 + BLOCK, k)
+        err = np.empty((w.shape[0], i1 - i0))
+        for i in range(i0, i1):
+            q[:, i] = np.clip(np.rint(w[:, i] / s), -QMAX, QMAX)
+            e = (w[:, i] - q[:, i] * s) / u[i, i]
+            w[:, i + 1:i1] -= np.outer(e, u[i, i + 1:i1])
+            err[:, i - i0] = e
+        w[:, i1:] -= err @ u[i0:i1, i1:]
+    out = np.empty_like(q)
+    out[:, order] = q
+    return np.ascontiguousarray(out.T.astype(np.int8)), s.astype(np.float32)
+
+
+def _inverse_factor(h: np.ndarray, skip: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The upper Cholesky factor of ``H^-1`` (damped, act-ordered), and that order."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    dead[list(skip)] = True
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(order, order)]
+    h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h)))
+    hinv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1: H^-1 = L^-T L^-1
+    return np.linalg.cholesky(hinv.T @ hinv).T, order
+
+
+def output_error(w_kn: np.ndarray, q: np.ndarray, s: np.ndarray, h: np.ndarray) -> float:
+    """``trace((W - Wq)^T H (W - Wq))``: the summed squared output error of int8 weights on the inputs behind ``h``."""
+    d = np.asarray(w_kn, np.float64) - q.astype(np.float64) * s.astype(np.float64)[None, :]
+    return float(np.sum(d * (np.asarray(h, np.float64) @ d)))
+
+
+class MomentStore:
+    """Second moments ``H = sum x x^T`` of MatMul inputs, one float32 ``.npy`` per input tensor under ``root`` (a 7B's
+    would not fit in memory at once), looked up by torch linear name; the writers load one at a time."""
+
+    def __init__(self, root: Path, files: dict[str, Path], tokens: int) -> None:
+        self.root, self._files, self.tokens = root, files, tokens
+
+    def get(self, linear: str) -> np.ndarray | None:
+        path = self._files.get(linear)
+        return None if path is None else np.load(path)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def input_moments(model_path: Path, inputs: dict[str, tuple[str, int]], batches: list[Any],
+                  session_config: dict[str, str], root: Path, budget_bytes: int = 2 << 30) -> MomentStore:
+    """The second moment of each linear's MatMul input in the float graph ``model_path`` (``inputs``: torch linear
+    name -> (input tensor, its width K)), summed over the attended positions of ``batches``, written under ``root``.
+
+    The graph is run with those tensors as extra outputs (a sibling file sharing its external data). Tensors are
+    taken a group at a time, each group's float64 sums within ``budget_bytes``, one pass over the batches per group.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    width = {t: k for t, k in inputs.values()}
+    proto = onnx.load(str(model_path), load_external_data=False)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in width if t not in have)
+    probe = model_path.with_name(model_path.stem + ".moments.onnx")
+    onnx.save(proto, str(probe))
+    del proto
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    tokens = 0
+    try:
+        opts = ort.SessionOptions()
+        for key, value in session_config.items():
+            opts.add_session_config_entry(key, value)
+        sess = ort.InferenceSession(str(probe), opts, providers=["CPUExecutionProvider"])
+        feeds_of = _feeds(sess)
+        for group in _groups(width, budget_bytes):
+            sums = {t: np.zeros((width[t], width[t])) for t in group}
+            tokens = 0
+            for b in batches:
+                feeds, keep = feeds_of(b)
+                tokens += int(keep.sum())
+                for t, x in zip(group, sess.run(group, feeds)):
+                    rows = np.asarray(x, np.float64)[keep]
+                    sums[t] += rows.T @ rows
+            for j, (t, h) in enumerate(sums.items()):
+                files[t] = root / f"h{len(files) + j:05d}.npy"
+                np.save(files[t], h.astype(np.float32))
+            del sums
+    finally:
+        probe.unlink(missing_ok=True)
+    return MomentStore(root, {n: files[t] for n, (t, _k) in inputs.items()}, tokens)
+
+
+def _feeds(sess: Any) -> Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray]]:
+    """A batch's feeds for ``sess`` and the mask that goes with them (re-padded as the graph records it)."""
+    from ..tokenization import right_align
+
+    names = [i.name for i in sess.get_inputs()]
+    if names != ["input_ids", "attention_mask"]:
+        raise CalibrationError(f"cannot feed a graph with inputs {names} for the weight rounding's moments")
+    right = sess.get_modelmeta().custom_metadata_map.get("sfr_export.padding_side") == "right"
+
+    def feeds(b: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        ids, mask = right_align(b.input_ids, b.attention_mask) if right else (b.input_ids, b.attention_mask)
+        return {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64)}, np.asarray(mask) != 0
+    return feeds
+
+
+def _groups(width: dict[str, int], budget_bytes: int) -> list[list[str]]:
+    """The tensors in groups whose float64 K x K sums stay within ``budget_bytes`` (one tensor at least per group)."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for t, k in width.items():
+        size = k * k * 8
+        if out[-1] and used + size > budget_bytes:
+            out.append([])
+            used = 0
+        out[-1].append(t)
+        used += size
+    return out
