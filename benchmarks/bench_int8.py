@@ -451,7 +451,7 @@ def _lever_models(root: Path, work: Path, only: str = "") -> dict[str, Path]:
     for c in cands:
         path = work / f"lever{len(out)}" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_cpu_candidate(src, path, mapping, c, seed=0, attention=plan, fold=fold if c.fold else None)
+        write_cpu_candidate(src, path, mapping, c, seed=0, attention=plan, fold=fold if c.fold else None)  # nearest
         out[c.label] = path
     return out
 

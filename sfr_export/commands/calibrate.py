@@ -36,6 +36,8 @@ def calibrate(
                                                "(default: 1 when the Q/DQ form is rotated, else 0)."),
     pooled_float: bool = typer.Option(True, help="W8A8, last-token models: keep each text's pooled row's "
                                       "activations float (one float MatMul on B rows per linear)."),
+    weight_rounding: str = typer.Option("gptq", help="The folded CPU form's int8 weights: gptq (error-compensated "
+                                        "on the calibration texts) | nearest."),
     force: bool = typer.Option(False, help="Redo even if up to date."),
 ) -> None:
     """Calibrate on task-mixed data and write int8 ONNX variants ("int8": Q/DQ, "int8-cpu": CPU contrib ops)."""
@@ -47,7 +49,7 @@ def calibrate(
                           target_spearman_delta=target_spearman, max_float_fraction=max_float_fraction,
                           w8a8=not no_w8a8, cpu_form=not no_cpu_form, samples=samples, holdout=holdout, seed=seed,
                           pairs=pairs, reference_dtype=reference_dtype, rotation=rotation,
-                          prefix_float=prefix_float, pooled_float=pooled_float)
+                          prefix_float=prefix_float, pooled_float=pooled_float, weight_rounding=weight_rounding)
     with writer_lock(directory):
         recs = run_with_spinner("calibrate", lambda say: run_calibrate(directory, cfg, force=force, on_progress=say))
     print_json([{"stage": r.name, "status": r.status, "reason": r.reason, "artifacts": [a.path for a in r.artifacts],

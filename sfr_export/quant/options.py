@@ -32,3 +32,11 @@ class ReferenceDtype(Choice, label="reference dtype"):
     AUTO = "auto"
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+
+
+class WeightRounding(Choice, label="weight rounding"):
+    """``--weight-rounding`` of the CPU form's folded candidate: gptq (error-compensated on the calibration texts'
+    inputs, sfr_export.quant.gptq) or nearest."""
+
+    GPTQ = "gptq"
+    NEAREST = "nearest"

@@ -191,6 +191,9 @@ class QuantPlan:
     # row8: torch linear name -> input channels that stay float (sfr_export.quant.fold's massive channels): zeroed
     # before the per-token quantization (and in the int8 weight), their product added back by a float MatMul
     float_channels: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # row8: a sfr_export.quant.gptq.MomentStore of the MatMul inputs (in the basis the written graph feeds them):
+    # the int8 weights are then rounded by GPTQ on those inputs (same scales, other integers); None: to nearest
+    moments: Any = None
 
 
 def pack_nbits8(w_kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +218,7 @@ class _Edit:
     shared: dict[str, str] = field(default_factory=dict)  # per-activation tensors made once (Q/DQ, row8, rotation)
     qdq_pairs: int = 0
     opset: int = 23  # the graph's default-domain opset (blocked QuantizeLinear needs 21)
+    rounding: list[float] = field(default_factory=list)  # GPTQ's output error / round-to-nearest's, per weight
 
 
 # --- one writer per form: the weight side (called once per MatMul, one tensor at a time) ---------------------------
@@ -250,10 +254,24 @@ def _weight_row8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
         _split_inits(e, int(w_t.shape[0]), tuple(keep))
         w_t = w_t.copy()
         w_t[keep] = 0.0
-    q, s = quantize_weight(w_t, axis=1)
+    q, s = _round_weight(e, info, w_t, tuple(keep))
     e.new_inits += [e.writer.make(f"{info.weight}_r8", q), e.writer.make(f"{info.weight}_r8_scale", np.asarray(s, np.float32))]
     e.node_form[info.node] = ("row8", (f"{info.weight}_r8", f"{info.weight}_r8_scale", str(w_t.shape[0])))
     e.replaced[info.weight] = f"{info.weight}_r8"
+
+
+def _round_weight(e: _Edit, info: MatMulInfo, w_t: np.ndarray, keep: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel int8 of a [K, N] weight: by GPTQ on the plan's moments of its input when it has them (the
+    ratio of its output error to round-to-nearest's kept in ``e.rounding``), else to nearest."""
+    from .gptq import gptq_int8, output_error
+
+    h = e.plan.moments.get(info.module) if e.plan.moments is not None else None
+    if h is None:
+        return quantize_weight(w_t, axis=1)
+    q, s = gptq_int8(w_t, h, keep)
+    q0, s0 = quantize_weight(w_t, axis=1)
+    e.rounding.append(output_error(w_t, q, s, h) / max(output_error(w_t, q0, s0, h), 1e-30))
+    return q, s
 
 
 WEIGHT_WRITERS: dict[str, Callable[[_Edit, MatMulInfo, np.ndarray], None]] = {
@@ -588,8 +606,12 @@ def build_quantized(src_path: Path, out_path: Path, mapping: dict[str, MatMulInf
     onnx.save(model, str(out_path))
     if not contrib:  # the checker does not know the com.microsoft contrib ops
         onnx.checker.check_model(str(out_path))
-    return {"matmuls": counts, "external_data": e.writer.external, "activation_qdq_pairs": e.qdq_pairs,
-            "rotated_matmuls": sum(1 for n in mapping if n in plan.rotations)}
+    out = {"matmuls": counts, "external_data": e.writer.external, "activation_qdq_pairs": e.qdq_pairs,
+           "rotated_matmuls": sum(1 for n in mapping if n in plan.rotations)}
+    if e.rounding:
+        out["gptq"] = {"weights": len(e.rounding), "output_error_vs_nearest_median": float(np.median(e.rounding)),
+                       "output_error_vs_nearest_max": float(np.max(e.rounding))}
+    return out
 
 
 def qdq_summary(path: Path) -> dict[str, Any]:

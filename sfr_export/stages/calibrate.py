@@ -25,7 +25,7 @@ import numpy as np
 
 from ..choice import Choice
 from ..errors import ArtifactError, CalibrationError, UserInputError
-from ..quant.options import CalibrationMethod, ReferenceDtype, RotationMode
+from ..quant.options import CalibrationMethod, ReferenceDtype, RotationMode, WeightRounding
 from ..artifact import ArtifactRecord, Manifest, StageRecord
 from .common import peak_rss_mb, progress, run_worker, worker_main
 
@@ -79,9 +79,14 @@ class CalibrateConfig:
     # measured on real SmolLM2 (torch, all 1379 STSB test pairs, rotated, first position float, every linear W8A8
     # with static per-tensor scales): cos 0.99908, dSpearman -0.19 (expected -0.16); without it 0.99749, -1.33
     pooled_float: bool = True
+    # the folded CPU candidate's int8 weights: GPTQ (error-compensated rounding on the calibration texts' inputs to
+    # each MatMul, taken from the folded float graph; same scales and ops) or to nearest. On real SmolLM2 most of the
+    # folded form's error was the weights' (docs/int8.md, "Weight rounding")
+    weight_rounding: WeightRounding = WeightRounding.GPTQ
 
     def __post_init__(self) -> None:
-        for name, kind in (("method", CalibrationMethod), ("reference_dtype", ReferenceDtype), ("rotation", RotationMode)):
+        for name, kind in (("method", CalibrationMethod), ("reference_dtype", ReferenceDtype), ("rotation", RotationMode),
+                           ("weight_rounding", WeightRounding)):
             object.__setattr__(self, name, kind.parse(getattr(self, name)))
         if self.target_cosine is not None and not 0.0 < self.target_cosine <= 1.0:
             raise UserInputError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
@@ -221,6 +226,7 @@ class _Inputs:
     last_token: bool = False  # the model pools its last attended token
     # the residual fold's float channels, found while the torch model is loaded (None: no folded candidate)
     fold_channels: tuple[int, ...] | None = None
+    moments: Any = None  # the folded graph's MatMul input moments (quant.gptq.MomentStore) for GPTQ rounding
 
 
 def _load_inputs(job: dict[str, Any]) -> _Inputs:
@@ -503,10 +509,11 @@ def fuse_cpu_attention(path: Path, plan: Any) -> str:
 
 
 def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: CpuCandidate, *, seed: int,
-                        attention: Any, fold: Any = None) -> str:
+                        attention: Any, fold: Any = None, moments: Any = None) -> tuple[str, dict[str, Any]]:
     """Write one CPU candidate to ``path`` from the fp32 ONNX ``src``, streaming its weights one tensor at a time
-    (rotated there in float64 when the candidate is rotated; folded by ``fold``, a ResidualFold, when given);
-    returns the attention op the form runs."""
+    (rotated there in float64 when the candidate is rotated; folded by ``fold``, a ResidualFold, when given; its
+    int8 weights rounded by GPTQ on ``moments``, a quant.gptq.MomentStore, when given); returns the attention op the
+    form runs and the writer's figures."""
     import onnx
 
     from ..quant import qdq
@@ -526,10 +533,10 @@ def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: Cp
         return rots[n].apply(w) if n in rots else w
 
     plan = qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact,
-                         float_channels=fold.float_channels() if fold is not None else {})
+                         float_channels=fold.float_channels() if fold is not None else {}, moments=moments)
     edits = None if fold is None else fold.graph_edits(lambda: qdq.read_tensor(inits[fold.embedding], src.parent))
-    qdq.build_quantized(src, path, mapping, plan, weight_of=weight_of, bias_of=lambda n: None, edits=edits)
-    return fuse_cpu_attention(path, attention)
+    info = qdq.build_quantized(src, path, mapping, plan, weight_of=weight_of, bias_of=lambda n: None, edits=edits)
+    return fuse_cpu_attention(path, attention), info
 
 
 def _fold_channels(inp: _Inputs) -> tuple[int, ...] | None:
@@ -566,7 +573,37 @@ def _plan_fold(inp: _Inputs, out: Path) -> Any:
         raise CalibrationError(f"the residual fold changed the fp32 model: min cos {f.cos_min:.7f} < 0.99999")
     inp.figures["residual_fold"] = {"float_channels": list(keep), "float_min_cosine": f.cos_min}
     progress(f"residual fold exact in float (min cos {f.cos_min:.7f}); float channels {list(keep)}")
+    if inp.cfg.weight_rounding is WeightRounding.GPTQ:
+        inp.moments = _fold_moments(inp, out / "model.onnx")
     return fold
+
+
+def _fold_moments(inp: _Inputs, float_graph: Path) -> Any:
+    """The second moments of every linear's MatMul input in the folded float graph (the basis its int8 weight is
+    written in), on the calibration texts, for GPTQ rounding."""
+    from ..quant.gptq import input_moments
+
+    store = input_moments(float_graph, matmul_inputs(float_graph, inp.src, inp.mapping), inp.calib_b,
+                          CPU_SESSION_CONFIG, inp.out_dir / "moments")
+    progress(f"GPTQ: input moments of {len(store)} linears on {store.tokens} calibration tokens")
+    return store
+
+
+def matmul_inputs(graph: Path, src: Path, mapping: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """Each linear's MatMul input tensor in ``graph`` (a candidate written from ``src``: a rotated input is renamed)
+    and its width K."""
+    import onnx
+
+    nodes = {n.name: n for n in onnx.load(str(graph), load_external_data=False).graph.node}
+    weights = {m.weight for m in mapping.values()}
+    k_of = {t.name: int(t.dims[0]) for t in onnx.load(str(src), load_external_data=False).graph.initializer
+            if t.name in weights}
+    return {n: (nodes[m.node].input[0], k_of[m.weight]) for n, m in mapping.items()}
+
+
+def _rounding_figures(built: dict[str, Any]) -> dict[str, Any]:
+    gptq = built.get("gptq")
+    return {"method": "nearest"} if gptq is None else {"method": "gptq", **gptq}
 
 
 def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
@@ -586,11 +623,13 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
         progress(f"CPU int8 form: trying {cand.label}")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        attention = write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, cand, seed=inp.recipe.seed,
-                                        attention=inp.attention, fold=fold if cand.fold else None)
+        attention, built = write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, cand, seed=inp.recipe.seed,
+                                               attention=inp.attention, fold=fold if cand.fold else None,
+                                               moments=inp.moments if cand.fold else None)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, inp.ev, inp.hold_b, inp.pair_b, inp.gold, targets)
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
-                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, "fold": cand.fold, **fid})
+                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, "fold": cand.fold,
+                      "weight_rounding": _rounding_figures(built), **fid})
         if fid["met"]:
             break
     assert cand is not None
@@ -599,7 +638,8 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
             "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated), "pooled_exact": cand.pooled_exact,
             "residual_fold": inp.figures.get("residual_fold") if cand.fold else None,
             "form": {"row8": {"op": "com.microsoft.MatMulIntegerToFloat", "activation": "per-token symmetric, dynamic",
-                              "weight": "per-output-channel symmetric int8",
+                              "weight": "per-output-channel symmetric int8 (folded form: GPTQ-rounded unless "
+                                        "--weight-rounding nearest; see tries[].weight_rounding)",
                               "pooled_exact": "the pooled row's rounding residual as a second int8 digit (ScatterND add)"},
                      "nbits8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
                                 "accuracy_level": 4},
