@@ -36,8 +36,8 @@ def calibrate(
                                                "(default: 1 when the Q/DQ form is rotated, else 0)."),
     pooled_float: bool = typer.Option(True, help="W8A8, last-token models: keep each text's pooled row's "
                                       "activations float (one float MatMul on B rows per linear)."),
-    weight_rounding: str = typer.Option("gptq", help="The folded CPU form's int8 weights: gptq (error-compensated "
-                                        "on the calibration texts) | nearest."),
+    weight_rounding: str = typer.Option("gptq", help="int8 weights of the Q/DQ form and the folded CPU form: gptq "
+                                        "(error-compensated on the calibration texts) | nearest."),
     force: bool = typer.Option(False, help="Redo even if up to date."),
 ) -> None:
     """Calibrate on task-mixed data and write int8 ONNX variants ("int8": Q/DQ, "int8-cpu": CPU contrib ops)."""

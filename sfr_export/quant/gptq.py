@@ -164,3 +164,44 @@ def _groups(width: dict[str, int], budget_bytes: int) -> list[list[str]]:
         out[-1].append(t)
         used += size
     return out
+
+
+def torch_moments(model: Any, names: list[str], batches: list[Any], root: Path,
+                  budget_bytes: int = 2 << 30) -> MomentStore:
+    """:func:`input_moments` for a torch model: the input of each ``nn.Linear`` in ``names`` as its forward sees it
+    (after any input hook already registered, such as an online rotation), on the attended rows of ``batches``."""
+    import torch
+
+    from .observe import linear_modules
+
+    mods = linear_modules(model)
+    width = {n: int(mods[n].weight.shape[1]) for n in names}
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    tokens = 0
+    for group in _groups(width, budget_bytes):
+        sums = {n: torch.zeros(width[n], width[n], dtype=torch.float64) for n in group}
+        keep: dict[str, Any] = {}
+
+        def grab(name: str) -> Callable[..., None]:
+            def hook(_m: Any, args: tuple[Any, ...]) -> None:
+                rows = args[0][keep["m"]].double()
+                sums[name] += rows.T @ rows
+            return hook
+
+        handles = [mods[n].register_forward_pre_hook(grab(n)) for n in group]
+        tokens = 0
+        try:
+            with torch.inference_mode():
+                for b in batches:
+                    keep["m"] = torch.as_tensor(b.attention_mask).bool()
+                    tokens += int(keep["m"].sum())
+                    model(input_ids=torch.as_tensor(b.input_ids), attention_mask=torch.as_tensor(b.attention_mask))
+        finally:
+            for h in handles:
+                h.remove()
+        for n, h in sums.items():
+            files[n] = root / f"t{len(files):05d}.npy"
+            np.save(files[n], h.numpy().astype(np.float32))
+        del sums
+    return MomentStore(root, files, tokens)

@@ -35,8 +35,8 @@ class ReferenceDtype(Choice, label="reference dtype"):
 
 
 class WeightRounding(Choice, label="weight rounding"):
-    """``--weight-rounding`` of the CPU form's folded candidate: gptq (error-compensated on the calibration texts'
-    inputs, sfr_export.quant.gptq) or nearest."""
+    """``--weight-rounding`` of the Q/DQ form and the CPU form's folded candidate: gptq (error-compensated on the
+    calibration texts' inputs, sfr_export.quant.gptq) or nearest."""
 
     GPTQ = "gptq"
     NEAREST = "nearest"

@@ -191,8 +191,8 @@ class QuantPlan:
     # row8: torch linear name -> input channels that stay float (sfr_export.quant.fold's massive channels): zeroed
     # before the per-token quantization (and in the int8 weight), their product added back by a float MatMul
     float_channels: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # row8: a sfr_export.quant.gptq.MomentStore of the MatMul inputs (in the basis the written graph feeds them):
-    # the int8 weights are then rounded by GPTQ on those inputs (same scales, other integers); None: to nearest
+    # w8/w8a8/row8: a sfr_export.quant.gptq.MomentStore of the MatMul inputs (in the basis the written graph feeds
+    # them): the int8 weights are then rounded by GPTQ on those inputs (same scales, other integers); None: to nearest
     moments: Any = None
 
 
@@ -231,7 +231,7 @@ def _weight_qdq(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
     """TensorRT form: int8 per output channel behind ``DequantizeLinear(axis=1)``, zero point 0."""
     from onnx import TensorProto, helper
 
-    q, s = quantize_weight(w_t, axis=1)
+    q, s = _round_weight(e, info, w_t, ())
     e.new_inits += [e.writer.make(f"{info.weight}_q", q),
                     helper.make_tensor(f"{info.weight}_scale", TensorProto.FLOAT, [len(s)], s.tolist()),
                     helper.make_tensor(f"{info.weight}_zp", TensorProto.INT8, [len(s)], [0] * len(s))]

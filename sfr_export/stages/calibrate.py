@@ -79,9 +79,9 @@ class CalibrateConfig:
     # measured on real SmolLM2 (torch, all 1379 STSB test pairs, rotated, first position float, every linear W8A8
     # with static per-tensor scales): cos 0.99908, dSpearman -0.19 (expected -0.16); without it 0.99749, -1.33
     pooled_float: bool = True
-    # the folded CPU candidate's int8 weights: GPTQ (error-compensated rounding on the calibration texts' inputs to
-    # each MatMul, taken from the folded float graph; same scales and ops) or to nearest. On real SmolLM2 most of the
-    # folded form's error was the weights' (docs/int8.md, "Weight rounding")
+    # the int8 weights of the Q/DQ form and of the folded CPU candidate: GPTQ (error-compensated rounding on the
+    # calibration texts' inputs to each MatMul, from the torch model / the folded float graph; same scales and ops)
+    # or to nearest. On real SmolLM2 most of the folded form's error was the weights' (docs/int8.md, "Weight rounding")
     weight_rounding: WeightRounding = WeightRounding.GPTQ
 
     def __post_init__(self) -> None:
@@ -358,14 +358,21 @@ def _write_qdq(inp: _Inputs, sel: Any, thresholds: dict[str, float], norm_update
     """The TensorRT form (weights from the torch model: rotated in place when rotations are on)."""
     from ..quant import qdq
 
+    from ..quant.gptq import torch_moments
+
     mods = dict(inp.model.named_modules())
     qdir = inp.out_dir / "int8"
     qdir.mkdir(parents=True)
+    moments = None
+    if inp.cfg.weight_rounding is WeightRounding.GPTQ:
+        moments = torch_moments(inp.model, [n for n, m in sel.modes.items() if m != "float"], inp.calib_b,
+                                inp.out_dir / "moments-qdq")
+        progress(f"GPTQ: input moments of {len(moments)} linears on {moments.tokens} calibration tokens")
     progress("writing the Q/DQ model")
     return qdq.build_quantized(inp.src, qdir / "model.onnx", inp.mapping,
                                qdq.QuantPlan(sel.modes, thresholds, rotations=inp.rotations,
                                              prefix_float=inp.cfg.prefix(inp.last_token),
-                                             pooled_float=_pooled_float(inp)),
+                                             pooled_float=_pooled_float(inp), moments=moments),
                                weight_of=lambda n: mods[n].weight.detach().float().numpy(),
                                bias_of=lambda n: None if mods[n].bias is None else mods[n].bias.detach().float().numpy(),
                                edits=qdq.GraphEdits(norms=norm_updates))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,3 +93,35 @@ def test_input_moments_sum_the_attended_rows(tmp_path, budget):
     np.testing.assert_allclose(store.get("b"), relu.T @ relu, rtol=1e-5)
     assert store.tokens == 8 and store.get("c") is None
     assert not (tmp_path / "g.moments.onnx").exists()  # the probe graph is gone
+
+
+def test_torch_moments_see_the_input_after_its_hooks():
+    """The moments of a torch linear's input as its forward sees it: an input hook registered before (an online
+    rotation) is applied first; padding rows are left out; any group budget gives the same sums."""
+    import torch
+
+    from sfr_export.quant.gptq import torch_moments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4)
+            self.a = torch.nn.Linear(4, 3)
+            self.b = torch.nn.Linear(3, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.b(self.a(self.emb(input_ids)))
+
+    torch.manual_seed(0)
+    m = Tiny()
+    m.a.register_forward_pre_hook(lambda _m, a: (a[0] * 2.0,))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    mask = (ids > 0).long()
+    batches = [SimpleNamespace(input_ids=ids.numpy(), attention_mask=mask.numpy())]
+    x = (m.emb.weight[[1, 2, 3, 4, 5]] * 2.0).double().detach()
+    y = torch.nn.functional.linear(x, m.a.weight.double(), m.a.bias.double()).detach()  # a's output on those rows
+    for budget in (1 << 30, 1):
+        store = torch_moments(m, ["a", "b"], batches, Path(tempfile.mkdtemp()), budget)
+        np.testing.assert_allclose(store.get("a"), (x.T @ x).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(store.get("b"), (y.T @ y).numpy(), rtol=1e-5)
+        assert store.tokens == 5

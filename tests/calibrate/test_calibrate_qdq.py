@@ -29,6 +29,9 @@ def test_manifest_records_both_int8_variants(tiny_int8):
     assert q.config["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     assert q.config["smoothquant"] == "off" and "smoothquant" not in q.figures  # the default (fold: outlier tests)
     assert q.figures["sample"]["calibration"]["texts"] > 0
+    assert q.config["weight_rounding"] == "gptq"  # the default: every int8 weight GPTQ-rounded, none worse than nearest
+    assert q.figures["build"]["gptq"]["weights"] == sum(c for mode, c in q.figures["build"]["matmuls"].items() if mode != "float")
+    assert q.figures["build"]["gptq"]["output_error_vs_nearest_max"] <= 1.0
 
 
 def test_qdq_graph_structure(tiny_int8):
