@@ -23,40 +23,44 @@ from ..errors import CalibrationError
 from .observe import QMAX, weight_scales
 
 DAMP = 0.01  # the fraction of H's mean diagonal added to it (GPTQ's default): keeps the Cholesky factor stable
-BLOCK = 128  # columns rounded together before the rest of the matrix is updated (the result does not depend on it)
+BLOCK = 32  # input rows rounded together before the rest of the weight is updated (the result does not depend on it)
 
 
-def gptq_int8(w_kn: np.ndarray, h: np.ndarray, skip: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+def gptq_int8(w_kn: np.ndarray, h: np.ndarray, skip: tuple[int, ...] = (),
+              factor: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(q [K, N] int8, scale [N])`` for a ``[K, N]`` weight (ONNX MatMul layout) read by inputs with second moment
     ``h`` [K, K]; the rows ``skip`` (inputs that stay float) are neither rounded nor compensated into (q is 0 there).
 
-    Columns are taken in order of decreasing ``h`` diagonal (GPTQ's act order) and the result is put back in place.
+    Input rows are taken in order of decreasing ``h`` diagonal (GPTQ's act order) and the result is put back in place.
+    ``factor``: :func:`inverse_factor` of ``h`` and ``skip``, when the caller already has it.
     """
-    w = np.array(w_kn, dtype=np.float64).T  # [N, K]: one output channel per row, as GPTQ is written
-    k = w.shape[1]
+    w = np.array(w_kn, dtype=np.float64)  # [K, N]: one input row at a time, contiguous
+    k = w.shape[0]
     if h.shape != (k, k):
         raise ValueError(f"input moment {h.shape} does not match a weight with {k} inputs")
-    w[:, list(skip)] = 0.0
-    s = weight_scales(w, axis=0).astype(np.float64)
-    u, order = _inverse_factor(h, skip)
-    w = w[:, order]
+    w[list(skip)] = 0.0
+    s = weight_scales(w, axis=1).astype(np.float64)
+    u, order = factor if factor is not None else inverse_factor(h, skip)
+    w = w[order]
     q = np.empty_like(w)
     for i0 in range(0, k, BLOCK):
         i1 = min(i0 + BLOCK, k)
-        err = np.empty((w.shape[0], i1 - i0))
+        err = np.empty((i1 - i0, w.shape[1]))
         for i in range(i0, i1):
-            q[:, i] = np.clip(np.rint(w[:, i] / s), -QMAX, QMAX)
-            e = (w[:, i] - q[:, i] * s) / u[i, i]
-            w[:, i + 1:i1] -= np.outer(e, u[i, i + 1:i1])
-            err[:, i - i0] = e
-        w[:, i1:] -= err @ u[i0:i1, i1:]
+            q[i] = np.clip(np.rint(w[i] / s), -QMAX, QMAX)
+            err[i - i0] = (w[i] - q[i] * s) / u[i, i]
+            w[i + 1:i1] -= np.outer(u[i, i + 1:i1], err[i - i0])
+        w[i1:] -= u[i0:i1, i1:].T @ err
     out = np.empty_like(q)
-    out[:, order] = q
-    return np.ascontiguousarray(out.T.astype(np.int8)), s.astype(np.float32)
+    out[order] = q
+    return out.astype(np.int8), s.astype(np.float32)
 
 
-def _inverse_factor(h: np.ndarray, skip: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The upper Cholesky factor of ``H^-1`` (damped, act-ordered), and that order."""
+def inverse_factor(h: np.ndarray, skip: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The upper Cholesky factor of ``H^-1`` (damped, act-ordered; the rows ``skip`` and dead inputs made inert), and
+    that order: what :func:`gptq_int8` needs of ``h``, shared by the weights that read one input (q/k/v, gate/up)."""
+    import torch
+
     h = np.array(h, dtype=np.float64)
     dead = np.diag(h) <= 0
     dead[list(skip)] = True
@@ -66,8 +70,8 @@ def _inverse_factor(h: np.ndarray, skip: tuple[int, ...]) -> tuple[np.ndarray, n
     order = np.argsort(-np.diag(h), kind="stable")
     h = h[np.ix_(order, order)]
     h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h)))
-    hinv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1: H^-1 = L^-T L^-1
-    return np.linalg.cholesky(hinv.T @ hinv).T, order
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(torch.from_numpy(h)))
+    return torch.linalg.cholesky(hinv, upper=True).numpy(), order
 
 
 def output_error(w_kn: np.ndarray, q: np.ndarray, s: np.ndarray, h: np.ndarray) -> float:
@@ -126,8 +130,8 @@ def input_moments(model_path: Path, inputs: dict[str, tuple[str, int]], batches:
                 feeds, keep = feeds_of(b)
                 tokens += int(keep.sum())
                 for t, x in zip(group, sess.run(group, feeds)):
-                    rows = np.asarray(x, np.float64)[keep]
-                    sums[t] += rows.T @ rows
+                    rows = np.asarray(x, np.float32)[keep]
+                    sums[t] += rows.T @ rows  # a batch's product in float32, the sum over batches in float64
             for j, (t, h) in enumerate(sums.items()):
                 files[t] = root / f"h{len(files) + j:05d}.npy"
                 np.save(files[t], h.astype(np.float32))
@@ -185,8 +189,8 @@ def torch_moments(model: Any, names: list[str], batches: list[Any], root: Path,
 
         def grab(name: str) -> Callable[..., None]:
             def hook(_m: Any, args: tuple[Any, ...]) -> None:
-                rows = args[0][keep["m"]].double()
-                sums[name] += rows.T @ rows
+                rows = args[0][keep["m"]].float()
+                sums[name] += (rows.T @ rows).double()  # a batch's product in float32, the sum in float64
             return hook
 
         handles = [mods[n].register_forward_pre_hook(grab(n)) for n in group]

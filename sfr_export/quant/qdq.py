@@ -219,6 +219,7 @@ class _Edit:
     qdq_pairs: int = 0
     opset: int = 23  # the graph's default-domain opset (blocked QuantizeLinear needs 21)
     rounding: list[float] = field(default_factory=list)  # GPTQ's output error / round-to-nearest's, per weight
+    factor: tuple[Any, Any] = (None, None)  # GPTQ: the last input moment's digest and its inverse factor
 
 
 # --- one writer per form: the weight side (called once per MatMul, one tensor at a time) ---------------------------
@@ -263,12 +264,17 @@ def _weight_row8(e: _Edit, info: MatMulInfo, w_t: np.ndarray) -> None:
 def _round_weight(e: _Edit, info: MatMulInfo, w_t: np.ndarray, keep: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel int8 of a [K, N] weight: by GPTQ on the plan's moments of its input when it has them (the
     ratio of its output error to round-to-nearest's kept in ``e.rounding``), else to nearest."""
-    from .gptq import gptq_int8, output_error
+    import hashlib
+
+    from .gptq import gptq_int8, inverse_factor, output_error
 
     h = e.plan.moments.get(info.module) if e.plan.moments is not None else None
     if h is None:
         return quantize_weight(w_t, axis=1)
-    q, s = gptq_int8(w_t, h, keep)
+    key = (hashlib.blake2b(np.ascontiguousarray(h).tobytes(), digest_size=16).digest(), keep)
+    if e.factor[0] != key:  # linears reading one input come one after another (q/k/v, gate/up): keep the last factor
+        e.factor = (key, inverse_factor(h, keep))
+    q, s = gptq_int8(w_t, h, keep, factor=e.factor[1])
     q0, s0 = quantize_weight(w_t, axis=1)
     e.rounding.append(output_error(w_t, q, s, h) / max(output_error(w_t, q0, s0, h), 1e-30))
     return q, s
