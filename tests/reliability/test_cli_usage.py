@@ -58,6 +58,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("calibrate-no-dir", ["calibrate"], 2, "'directory'"),
     ("calibrate-bad-method", ["calibrate", "{A}", "--method", "bogus"], 2, "'bogus'"),
     ("calibrate-bad-rotation", ["calibrate", "{A}", "--rotation", "yes"], 2, "unknown rotation mode 'yes'"),
+    ("calibrate-bad-weight-rounding", ["calibrate", "{A}", "--weight-rounding", "bad"], 2, "unknown weight rounding 'bad'"),
     ("calibrate-bad-reference-dtype", ["calibrate", "{A}", "--reference-dtype", "fp16"], 2, "unknown reference dtype"),
     ("calibrate-alpha-out-of-range", ["calibrate", "{A}", "--smoothquant", "7"], 2, "7.0"),
     ("calibrate-unknown-recipe", ["calibrate", "{A}", "--recipe", "nosuch"], 2, "'nosuch'"),
