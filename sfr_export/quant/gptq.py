@@ -1,8 +1,8 @@
 """Error-compensated int8 weight rounding (GPTQ, arXiv 2210.17323) with the per-output-channel scales the int8 forms
 already use.
 
-Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns one at a time and spreads each
-column's rounding error over the columns not yet rounded, weighted by the inverse of ``H = sum x x^T`` (the
+Round-to-nearest rounds every weight on its own. GPTQ rounds a weight's inputs one at a time and spreads each
+input's rounding error over the inputs not yet rounded, weighted by the inverse of ``H = sum x x^T`` (the
 second moment of the linear's input on calibration texts), so that ``W x`` moves as little as it can on those
 inputs. The scales stay those of round-to-nearest (``max |W_row| / 127``): only the integers change, so the graph,
 its ops and its speed do not.
@@ -132,8 +132,8 @@ def input_moments(model_path: Path, inputs: dict[str, tuple[str, int]], batches:
                 for t, x in zip(group, sess.run(group, feeds)):
                     rows = np.asarray(x, np.float32)[keep]
                     sums[t] += rows.T @ rows  # a batch's product in float32, the sum over batches in float64
-            for j, (t, h) in enumerate(sums.items()):
-                files[t] = root / f"h{len(files) + j:05d}.npy"
+            for t, h in sums.items():
+                files[t] = root / f"h{len(files):05d}.npy"
                 np.save(files[t], h.astype(np.float32))
             del sums
     finally:
