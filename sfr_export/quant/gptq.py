@@ -84,8 +84,8 @@ class MomentStore:
     """Second moments ``H = sum x x^T`` of MatMul inputs, one float32 ``.npy`` per input tensor under ``root`` (a 7B's
     would not fit in memory at once), looked up by torch linear name; the writers load one at a time."""
 
-    def __init__(self, root: Path, files: dict[str, Path], tokens: int) -> None:
-        self.root, self._files, self.tokens = root, files, tokens
+    def __init__(self, files: dict[str, Path], tokens: int) -> None:
+        self._files, self.tokens = files, tokens
 
     def get(self, linear: str) -> np.ndarray | None:
         path = self._files.get(linear)
@@ -132,13 +132,11 @@ def input_moments(model_path: Path, inputs: dict[str, tuple[str, int]], batches:
                 for t, x in zip(group, sess.run(group, feeds)):
                     rows = np.asarray(x, np.float32)[keep]
                     sums[t] += rows.T @ rows  # a batch's product in float32, the sum over batches in float64
-            for t, h in sums.items():
-                files[t] = root / f"h{len(files):05d}.npy"
-                np.save(files[t], h.astype(np.float32))
+            _save(sums, files, root)
             del sums
     finally:
         probe.unlink(missing_ok=True)
-    return MomentStore(root, {n: files[t] for n, (t, _k) in inputs.items()}, tokens)
+    return MomentStore({n: files[t] for n, (t, _k) in inputs.items()}, tokens)
 
 
 def _feeds(sess: Any) -> Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray]]:
@@ -154,6 +152,13 @@ def _feeds(sess: Any) -> Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray
         ids, mask = right_align(b.input_ids, b.attention_mask) if right else (b.input_ids, b.attention_mask)
         return {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64)}, np.asarray(mask) != 0
     return feeds
+
+
+def _save(sums: dict[str, np.ndarray], files: dict[str, Path], root: Path) -> None:
+    """Each finished sum as one float32 ``.npy`` under ``root``, numbered in order, recorded in ``files``."""
+    for key, h in sums.items():
+        files[key] = root / f"h{len(files):05d}.npy"
+        np.save(files[key], np.asarray(h, np.float32))
 
 
 def _groups(width: dict[str, int], budget_bytes: int) -> list[list[str]]:
@@ -204,8 +209,6 @@ def torch_moments(model: Any, names: list[str], batches: list[Any], root: Path,
         finally:
             for h in handles:
                 h.remove()
-        for n, h in sums.items():
-            files[n] = root / f"t{len(files):05d}.npy"
-            np.save(files[n], h.numpy().astype(np.float32))
+        _save({n: h.numpy() for n, h in sums.items()}, files, root)
         del sums
-    return MomentStore(root, files, tokens)
+    return MomentStore(files, tokens)
