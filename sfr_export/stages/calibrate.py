@@ -511,7 +511,7 @@ def fuse_cpu_attention(path: Path, plan: Any) -> str:
 
     op = cpu_form_op(plan.form, plan.num_heads, plan.kv_heads)
     if op is not None:
-        write_cpu_form(path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim, dst=path)
+        write_cpu_form(path, plan, dst=path)
     return op or "Attention"
 
 

@@ -192,7 +192,7 @@ def _export_job(job: dict[str, Any]) -> dict[str, Any]:
     cpu_path = None
     if cfg.cpu_form and cpu_form_op(plan.form, plan.num_heads, plan.kv_heads):
         progress("writing the ONNX Runtime CPU form (com.microsoft attention)")
-        cpu_path, _n = write_cpu_form(onnx_path, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim)
+        cpu_path, _n = write_cpu_form(onnx_path, plan)
     export_seconds = time.time() - t0
     result: dict[str, Any] = {"export_seconds": export_seconds, "low_memory": low_memory, "attention": plan.to_dict(),
                               "cpu_form": cpu_path is not None, **info}

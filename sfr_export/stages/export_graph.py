@@ -54,6 +54,7 @@ class AttentionPlan:
     kv_heads: int
     head_dim: int
     sliding_window: int | None = None  # kept in the graph (band mask) when set
+    max_positions: int = 0  # the model's max_position_embeddings (0: unknown); sizes the CPU form's RoPE cache
 
     @property
     def padding_side(self) -> str:
@@ -66,7 +67,8 @@ class AttentionPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"form": self.form.value, "num_heads": self.num_heads, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "sliding_window": self.sliding_window, "padding_side": self.padding_side}
+                "head_dim": self.head_dim, "sliding_window": self.sliding_window, "padding_side": self.padding_side,
+                "max_positions": self.max_positions}
 
 
 def _attention_modules(backbone: Any) -> list[Any]:
@@ -93,7 +95,7 @@ def plan_attention(backbone: Any) -> AttentionPlan:
     positions = int(getattr(cfg, "max_position_embeddings", 0) or 0)
     # A window at least as long as every position the model accepts never masks anything.
     keep = window is not None and int(window) > 0 and (positions == 0 or int(window) < positions)
-    return AttentionPlan(AttentionForm.CAUSAL, heads, kv, head_dim, int(window) if keep else None)
+    return AttentionPlan(AttentionForm.CAUSAL, heads, kv, head_dim, int(window) if keep else None, positions)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ its mask expanded to ``[B, 1, L, L]``. The CPU form rewrites every node, by the 
 - **causal** graphs -> ``com.microsoft.GroupQueryAttention``: ``seqlens_k = sum(attention_mask, 1) - 1`` (int32) and
   ``total_sequence_length = L``, computed once per graph; exact for the right-padded, mask-free causal graphs of
   :mod:`sfr_export.stages.export_graph`. A band mask input (sliding window) is dropped for
-  ``local_window_size = window`` (checked against PyTorch past the window by the tests).
+  ``local_window_size = window`` (checked against PyTorch past the window by the tests). Where Q and K carry RoPE
+  with position-only cos/sin, the op takes them unrotated and rotates them itself (``do_rotary``, caches for the
+  model's ``max_position_embeddings``; :mod:`.ort_rotary`).
 - **key-padding** graphs (bidirectional encoders) -> ``com.microsoft.MultiHeadAttention`` with no mask input:
   Q gains a column of ones and K a column holding the key bias (0 for a real key, ``-1e4`` for padding, from the
   ``[B, L]`` ``attention_mask``, built once per graph as ``[B, H, L, 1]``), so ``q.k`` itself carries the mask.
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportValidationError
-from .export_graph import META_ATTENTION, META_WINDOW, AttentionForm
+from .export_graph import META_ATTENTION, META_WINDOW, AttentionForm, AttentionPlan
 
 CPU_FORM_NAME = "model.cpu.onnx"
 _SEQLENS = "sfr_gqa_seqlens_k"
@@ -147,8 +149,10 @@ def _scale(node: Any, attrs: dict[str, Any]) -> dict[str, Any]:
     return {**attrs, "scale": float(scale)} if scale is not None else attrs
 
 
-def _replace_gqa(node: Any, i: int, *, heads: int, kv_heads: int, head_dim: int, window: int | None) -> list[Any]:
-    """The nodes that replace causal Attention node number ``i``."""
+def _replace_gqa(node: Any, i: int, *, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                 rope: dict[str, tuple[str, str, str, str]]) -> list[Any]:
+    """The nodes that replace causal Attention node number ``i``; with an entry in ``rope`` (see
+    :mod:`.ort_rotary`) the op takes Q and K before their rotary embedding and rotates them itself."""
     from onnx import helper
 
     _check_plain(node)
@@ -159,9 +163,14 @@ def _replace_gqa(node: Any, i: int, *, heads: int, kv_heads: int, head_dim: int,
     if not mask and not _attr(node, "is_causal", 0):
         raise ExportValidationError(f"Attention node {node.name} is neither causal nor windowed")
     p = f"sfr_gqa{i}"
-    out, flat = _to_bsd(list(node.input[:3]), p)
+    fused = rope.get(node.output[0])
+    q, k = fused[:2] if fused else node.input[:2]
+    out, flat = _to_bsd([q, k, node.input[2]], p)
     attrs = _scale(node, {"num_heads": heads, "kv_num_heads": kv_heads, "local_window_size": window or -1})
-    out.append(helper.make_node("GroupQueryAttention", [*flat, "", "", _SEQLENS, _TOTAL], [f"{p}_o3"],
+    caches = list(fused[2:]) if fused else []
+    if fused:
+        attrs["do_rotary"] = 1
+    out.append(helper.make_node("GroupQueryAttention", [*flat, "", "", _SEQLENS, _TOTAL, *caches], [f"{p}_o3"],
                                 domain="com.microsoft", name=f"{p}_gqa", **attrs))
     return out + _from_bsd(f"{p}_o3", node, p, heads, head_dim)
 
@@ -221,12 +230,18 @@ def cpu_form_op(form: AttentionForm, heads: int, kv_heads: int) -> str | None:
     return None
 
 
-def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -> int:
+def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int, max_positions: int = 0,
+                      base_dir: Path | None = None) -> int:
     """Rewrite every ``Attention`` node of an exported ONNX ModelProto in place (GQA or MHA by its recorded form).
 
-    Returns how many nodes were rewritten; nodes left dead by the rewrite (the encoder's mask expansion) are pruned.
+    With ``max_positions`` (the model's, > 0), a causal layer's RoPE moves into its ``GroupQueryAttention`` where
+    :func:`.ort_rotary.plan_fusion` proves it position-only (``base_dir``: where the external data lies).
+    Returns how many nodes were rewritten; nodes left dead by the rewrite (the encoder's mask expansion, the RoPE
+    taken in) are pruned.
     """
     from onnx import helper
+
+    from .ort_rotary import plan_fusion
 
     meta = {p.key: p.value for p in model.metadata_props}
     form = meta.get(META_ATTENTION, "unrecorded")
@@ -235,7 +250,10 @@ def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -
     if form == AttentionForm.CAUSAL.value:
         window = int(meta.get(META_WINDOW, "0")) or None
         nodes: list[Any] = _gqa_inputs(inputs[1], inputs[0])
-        replace = partial(_replace_gqa, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window)
+        rope = plan_fusion(model, head_dim, max_positions, base_dir)
+        g.initializer.extend(rope.caches)
+        replace = partial(_replace_gqa, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window,
+                          rope=rope.nodes)
     elif form == AttentionForm.KEY_PADDING.value and kv_heads == heads:
         first = next((n for n in g.node if n.op_type == "Attention"), None)
         nodes = _mha_inputs(inputs[1], heads, _elem_type(model, first.input[0])) if first is not None else []
@@ -259,14 +277,16 @@ def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int) -
     return count
 
 
-def write_cpu_form(src: Path, *, heads: int, kv_heads: int, head_dim: int, dst: Path | None = None) -> tuple[Path, int]:
+def write_cpu_form(src: Path, plan: AttentionPlan, dst: Path | None = None) -> tuple[Path, int]:
     """Write the CPU form of ``src`` to ``dst`` (default ``model.cpu.onnx`` next to it, sharing its external data;
-    ``dst = src`` rewrites in place, atomically); returns (path, nodes rewritten)."""
+    ``dst = src`` rewrites in place, atomically) for the export's attention ``plan``; returns (path, nodes
+    rewritten)."""
     import onnx
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
-    count = rewrite_attention(model, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    count = rewrite_attention(model, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim,
+                              max_positions=plan.max_positions, base_dir=src.parent)
     dst = src.with_name(CPU_FORM_NAME) if dst is None else Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "wb") as fh:

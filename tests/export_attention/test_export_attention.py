@@ -72,6 +72,27 @@ def test_cpu_form_is_group_query_attention_with_the_window(tiny_artifact):
     assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2 and attrs["local_window_size"] == 32
 
 
+def test_cpu_form_takes_rope_into_group_query_attention(tiny_artifact):
+    """Each layer's GroupQueryAttention rotates Q and K itself (do_rotary), from caches that hold transformers' own
+    cos/sin for every position the model accepts (1,024 for demo:tiny-mistral); no RoPE op is left outside."""
+    import torch
+
+    path, m = _graph(tiny_artifact, "fp32", "onnx-cpu")
+    ops = [n.op_type for n in m.graph.node]
+    assert not {"Neg", "Slice", "Cos", "Sin"} & set(ops), "RoPE (rotate_half, its cos/sin) left in the graph"
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in gqa for a in n.attribute if a.name == "do_rotary")
+    assert all(len(n.input) == 9 and n.input[7] and n.input[8] for n in gqa)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    cos, sin = inits[gqa[0].input[7]], inits[gqa[0].input[8]]
+    model = _torch(tiny_artifact).model
+    half = model.config.hidden_size // model.config.num_attention_heads // 2
+    assert cos.shape == sin.shape == (1024, half)  # max_position_embeddings x head_dim / 2
+    ref_cos, ref_sin = model.rotary_emb(torch.zeros(1, 1024, 2 * half), torch.arange(1024)[None])
+    np.testing.assert_allclose(cos, ref_cos[0, :, :half].numpy(), atol=2e-6)
+    np.testing.assert_allclose(sin, ref_sin[0, :, :half].numpy(), atol=2e-6)
+
+
 def test_both_forms_match_torch_past_the_sliding_window(tiny_artifact):
     """Rows up to demo:tiny-mistral's max length (128), four times its window (32), right padded."""
     ids, mask = _random_batch([128, 100, 33, 7, 64])
