@@ -10,6 +10,8 @@ its mask expanded to ``[B, 1, L, L]``. The CPU form rewrites every node, by the 
   ``local_window_size = window`` (checked against PyTorch past the window by the tests). Where Q and K carry RoPE
   with position-only cos/sin, the op takes them unrotated and rotates them itself (``do_rotary``, caches for the
   model's ``max_position_embeddings``; :mod:`.ort_rotary`).
+
+Every exported RMSNorm chain of the written form becomes one ``RMSNormalization`` op (:mod:`.ort_norms`).
 - **key-padding** graphs (bidirectional encoders) -> ``com.microsoft.MultiHeadAttention`` with no mask input:
   Q gains a column of ones and K a column holding the key bias (0 for a real key, ``-1e4`` for padding, from the
   ``[B, L]`` ``attention_mask``, built once per graph as ``[B, H, L, 1]``), so ``q.k`` itself carries the mask.
@@ -283,10 +285,14 @@ def write_cpu_form(src: Path, plan: AttentionPlan, dst: Path | None = None) -> t
     rewritten)."""
     import onnx
 
+    from .ort_norms import fuse_rms_norms
+
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
     count = rewrite_attention(model, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim,
                               max_positions=plan.max_positions, base_dir=src.parent)
+    if fuse_rms_norms(model):
+        _prune(model.graph)
     dst = src.with_name(CPU_FORM_NAME) if dst is None else Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "wb") as fh:

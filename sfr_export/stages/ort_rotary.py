@@ -31,7 +31,7 @@ class RotaryUse:
     sin: str
 
 
-def _values(graph: Any) -> dict[str, np.ndarray]:
+def small_constants(graph: Any) -> dict[str, np.ndarray]:
     """Small constant tensors by name (inline initializers and Constant nodes)."""
     from onnx import helper, numpy_helper
 
@@ -81,7 +81,7 @@ def find_rotary(graph: Any, out: str, head_dim: int, prod: dict[str, Any] | None
     """The RoPE application whose result is ``out`` (``Add(Mul(x, cos), Mul(rotate_half(x), sin))``, operands in
     either order), or None when ``out`` is not one."""
     prod = prod if prod is not None else {o: n for n in graph.node for o in n.output}
-    consts = consts if consts is not None else _values(graph)
+    consts = consts if consts is not None else small_constants(graph)
     add = prod.get(out)
     if add is None or add.op_type != "Add":
         return None
@@ -166,7 +166,7 @@ def plan_fusion(model: Any, head_dim: int, positions: int, base_dir: Path | None
 
     g = model.graph
     prod = {o: n for n in g.node for o in n.output}
-    consts = _values(g)
+    consts = small_constants(g)
     caches: dict[tuple[str, str], tuple[str, str] | None] = {}
     nodes: dict[str, tuple[str, str, str, str]] = {}
     inits = []

@@ -93,6 +93,19 @@ def test_cpu_form_takes_rope_into_group_query_attention(tiny_artifact):
     np.testing.assert_allclose(sin, ref_sin[0, :, :half].numpy(), atol=2e-6)
 
 
+def test_cpu_form_runs_each_rms_norm_as_one_op(tiny_artifact):
+    """2 layers x 2 norms + the final one, each one RMSNormalization carrying the model's weight and epsilon."""
+    _path, m = _graph(tiny_artifact, "fp32", "onnx-cpu")
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("RMSNormalization") == 5 and not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(ops)
+    model = _torch(tiny_artifact).model
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    norms = [n for n in m.graph.node if n.op_type == "RMSNormalization"]
+    eps = [onnx.helper.get_attribute_value(a) for n in norms for a in n.attribute if a.name == "epsilon"]
+    assert eps == [pytest.approx(model.config.rms_norm_eps)] * 5
+    np.testing.assert_array_equal(inits[norms[-1].input[1]], model.norm.weight.detach().numpy())
+
+
 def test_both_forms_match_torch_past_the_sliding_window(tiny_artifact):
     """Rows up to demo:tiny-mistral's max length (128), four times its window (32), right padded."""
     ids, mask = _random_batch([128, 100, 33, 7, 64])
