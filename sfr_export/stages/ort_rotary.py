@@ -140,12 +140,13 @@ def rope_cache(model: Any, use: RotaryUse, positions: int, head_dim: int,
         out = sess.run(None, {names[0]: np.ones_like(mask), names[1]: mask})
         return [np.broadcast_to(t, (mask.shape[0], 1, mask.shape[1], head_dim)) for t in out]
 
-    short = np.ones((2, 9), np.int64)
-    short[1, 4:] = 0  # a right-padded row: the positions, not the mask, must decide
+    n = min(9, positions)
+    short = np.ones((2, n), np.int64)
+    short[1, n // 2:] = 0  # a right-padded row: the positions, not the mask, must decide
     long = run(np.ones((1, positions), np.int64))
     half = head_dim // 2
     for a, b in zip(run(short), long):
-        if not (np.array_equal(a[0], a[1]) and np.allclose(a[0, 0], b[0, 0, :9], rtol=0, atol=1e-6)
+        if not (np.array_equal(a[0], a[1]) and np.allclose(a[0, 0], b[0, 0, :n], rtol=0, atol=1e-6)
                 and np.array_equal(b[..., :half], b[..., half:])):
             return None
     return (np.ascontiguousarray(long[0][0, 0, :, :half]), np.ascontiguousarray(long[1][0, 0, :, :half]))
