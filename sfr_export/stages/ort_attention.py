@@ -10,8 +10,6 @@ its mask expanded to ``[B, 1, L, L]``. The CPU form rewrites every node, by the 
   ``local_window_size = window`` (checked against PyTorch past the window by the tests). Where Q and K carry RoPE
   with position-only cos/sin, the op takes them unrotated and rotates them itself (``do_rotary``, caches for the
   model's ``max_position_embeddings``; :mod:`.ort_rotary`).
-
-Every exported RMSNorm chain of the written form becomes one ``RMSNormalization`` op (:mod:`.ort_norms`).
 - **key-padding** graphs (bidirectional encoders) -> ``com.microsoft.MultiHeadAttention`` with no mask input:
   Q gains a column of ones and K a column holding the key bias (0 for a real key, ``-1e4`` for padding, from the
   ``[B, L]`` ``attention_mask``, built once per graph as ``[B, H, L, 1]``), so ``q.k`` itself carries the mask.
@@ -22,6 +20,8 @@ Every exported RMSNorm chain of the written form becomes one ``RMSNormalization`
 
 Either way ``Q/K/V [B, H, L, D]`` go through ``Transpose(0, 2, 1, 3)`` -> ``Reshape [B, L, H*D]`` (the layout both
 contrib ops read) and the output ``[B, L, H*D]`` goes back to ``[B, H, L, D]`` for the rest of the graph.
+
+Every exported RMSNorm chain of the written form becomes one ``RMSNormalization`` op (:mod:`.ort_norms`).
 
 The standard form stays the portable artifact (TensorRT, CUDA); this one is written next to it as ``model.cpu.onnx``,
 sharing its external-data file.
