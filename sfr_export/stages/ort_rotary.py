@@ -33,10 +33,10 @@ class RotaryUse:
 
 def small_constants(graph: Any) -> dict[str, np.ndarray]:
     """Small constant tensors by name (inline initializers and Constant nodes)."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     out = {t.name: numpy_helper.to_array(t) for t in graph.initializer
-           if t.data_location != 1 and int(np.prod(t.dims)) <= 16}
+           if t.data_location != TensorProto.EXTERNAL and int(np.prod(t.dims)) <= 16}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             out[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(n.attribute[0]))
