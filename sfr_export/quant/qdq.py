@@ -188,6 +188,10 @@ class QuantPlan:
     # digit, the per-token rounding residual quantized again, through the same int8 weight: that row's activations
     # are then ~15-bit exact, for one more MatMulIntegerToFloat on B rows and a ScatterND per MatMul
     pooled_exact: bool = False
+    # row8 with ``pooled_exact``: each text's first attended position gets the second digit as well. That row is the
+    # attention sink every later row reads (its keys and values), and its massive activations make its per-token
+    # scale the coarsest; one more row per text in the same B-row MatMul and ScatterND
+    first_exact: bool = False
     # row8: torch linear name -> input channels that stay float (sfr_export.quant.fold's massive channels): zeroed
     # before the per-token quantization (and in the int8 weight), their product added back by a float MatMul
     float_channels: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -431,7 +435,7 @@ def _row8_matmul(e: _Edit, n: Any, a: str, nodes: list[Any]) -> Any:
     nodes += [rescale, helper.make_node("MatMulIntegerToFloat", [f"{p}_d2_u8", wq, "sfr_row8_one", ws, "sfr_row8_zp"], [f"{out}_d2"],
                                name=f"{n.name}_R8_d2", domain="com.microsoft"),
               helper.make_node("Mul", [f"{out}_d2", f"{p}_d2_scale"], [f"{out}_d2s"], name=f"{n.name}_R8_d2_scale")]
-    return helper.make_node("ScatterND", [scaled, "sfr_pooled_idx", f"{out}_d2s"], [out], name=f"{n.name}_R8_pooled",
+    return helper.make_node("ScatterND", [scaled, _digit_rows(e, nodes), f"{out}_d2s"], [out], name=f"{n.name}_R8_pooled",
                             reduction="add")
 
 
@@ -471,6 +475,28 @@ def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
               helper.make_node("Concat", ["sfr_pi_rows2", "sfr_pi_last"], ["sfr_pooled_idx"], name="sfr_pi_Idx", axis=1)]
 
 
+def _digit_rows(e: _Edit, nodes: list[Any]) -> str:
+    """The rows that get the second digit: ``sfr_pooled_idx``, or with ``first_exact`` ``sfr_digit_idx`` [2B, 2]
+    (the pooled rows, then each text's first attended position), with ``sfr_digit_valid`` [2B, 1] (float 0/1) that
+    zeroes a first row which is also the pooled one (a one-token text), so ScatterND's add counts each row once."""
+    from onnx import TensorProto, helper
+
+    _pooled_index(e, nodes)
+    if not e.plan.first_exact:
+        return "sfr_pooled_idx"
+    if "sfr_digit_idx" not in e.shared:
+        e.shared["sfr_digit_idx"] = "sfr_digit_idx"
+        nodes += [helper.make_node("ArgMax", ["sfr_pi_mask"], ["sfr_di_first"], name="sfr_di_First", axis=1, keepdims=1),
+                  helper.make_node("Concat", ["sfr_pi_rows2", "sfr_di_first"], ["sfr_di_fidx"], name="sfr_di_FirstIdx", axis=1),
+                  helper.make_node("Concat", ["sfr_pooled_idx", "sfr_di_fidx"], ["sfr_digit_idx"], name="sfr_di_Idx", axis=0),
+                  helper.make_node("Equal", ["sfr_pi_last", "sfr_pi_last"], ["sfr_di_all"], name="sfr_di_All"),
+                  helper.make_node("Equal", ["sfr_di_first", "sfr_pi_last"], ["sfr_di_same"], name="sfr_di_Same"),
+                  helper.make_node("Not", ["sfr_di_same"], ["sfr_di_other"], name="sfr_di_Other"),
+                  helper.make_node("Concat", ["sfr_di_all", "sfr_di_other"], ["sfr_di_valid"], name="sfr_di_Valid", axis=0),
+                  helper.make_node("Cast", ["sfr_di_valid"], ["sfr_digit_valid"], name="sfr_di_ValidF", to=TensorProto.FLOAT)]
+    return "sfr_digit_idx"
+
+
 def _pooled_digit(e: _Edit, a: str, p: str, nodes: list[Any]) -> None:
     """The pooled rows' second digit of activation ``a`` (quantized as ``p``): the residual ``r = x - round(x)`` of
     ``x = a / scale`` lies in [-0.5, 0.5], so ``round(254 r)`` is exact int8 (``{p}_d2_u8`` [B, K], u8 zero point 128)
@@ -481,14 +507,17 @@ def _pooled_digit(e: _Edit, a: str, p: str, nodes: list[Any]) -> None:
         _pooled_index(e, nodes)
         e.new_inits += [helper.make_tensor("sfr_d2_step", TensorProto.FLOAT, [], [0.5 / QMAX])]
         e.shared["sfr_d2_step"] = "sfr_d2_step"
-    d = f"{p}_d2"
-    nodes += [helper.make_node("GatherND", [a, "sfr_pooled_idx"], [f"{d}_a"], name=f"{d}_GatherA"),
-              helper.make_node("GatherND", [f"{p}_scale", "sfr_pooled_idx"], [f"{d}_row"], name=f"{d}_GatherScale"),
+    d, rows = f"{p}_d2", _digit_rows(e, nodes)
+    nodes += [helper.make_node("GatherND", [a, rows], [f"{d}_a"], name=f"{d}_GatherA"),
+              helper.make_node("GatherND", [f"{p}_scale", rows], [f"{d}_row"], name=f"{d}_GatherScale"),
               helper.make_node("Div", [f"{d}_a", f"{d}_row"], [f"{d}_x"], name=f"{d}_Div"),
               helper.make_node("Round", [f"{d}_x"], [f"{d}_q1"], name=f"{d}_Round"),
               helper.make_node("Sub", [f"{d}_x", f"{d}_q1"], [f"{d}_r"], name=f"{d}_Residual"),
               helper.make_node("QuantizeLinear", [f"{d}_r", "sfr_d2_step", "sfr_row8_zp"], [f"{d}_u8"], name=f"{d}_Q"),
-              helper.make_node("Mul", [f"{d}_row", "sfr_d2_step"], [f"{d}_scale"], name=f"{d}_Scale")]
+              helper.make_node("Mul", [f"{d}_row", "sfr_d2_step"], [f"{d}_step" if e.plan.first_exact else f"{d}_scale"],
+                               name=f"{d}_Scale")]
+    if e.plan.first_exact:
+        nodes.append(helper.make_node("Mul", [f"{d}_step", "sfr_digit_valid"], [f"{d}_scale"], name=f"{d}_Valid"))
 
 
 ACT_WRITERS: dict[str, Callable[[_Edit, Any, MatMulInfo, list[Any]], Any]] = {

@@ -240,7 +240,6 @@ def test_row8_pooled_rows_get_a_second_digit(tmp_path, opset):
     through the same int8 weight, so that row is ~15-bit exact; every other row is plain row8 (either quantizer)."""
     from onnx import TensorProto, helper
 
-    from sfr_export.quant.observe import quantize_weight
     from sfr_export.quant.qdq import MatMulInfo, QuantPlan, build_quantized
 
     rng = np.random.default_rng(1)
@@ -267,16 +266,53 @@ def test_row8_pooled_rows_get_a_second_digit(tmp_path, opset):
     (y0, y0b), (y1, y1b) = (_run(paths[e], {"x": x, "attention_mask": mask}) for e in (False, True))
     readers = [n for n in onnx.load(str(paths[True])).graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(readers) == 4 and len({n.input[0] for n in readers}) == 2  # both readers share both digits
-    last = [3, 5, 5]
-    for b in range(3):
-        others = [i for i in range(6) if i != last[b]]
-        np.testing.assert_array_equal(y1[b, others], y0[b, others])
     np.testing.assert_allclose(y1b, -y1, atol=1e-6)  # the second reader, with its own weight
+    _assert_two_digit_rows(w, x, y0, y1, {0: [3], 1: [5], 2: [5]})
+
+
+def _assert_two_digit_rows(w, x, y0, y1, rows):
+    """Rows ``rows[b]`` of ``y1`` are ~250x nearer float activations through the int8 weight than ``y0``'s (one
+    digit); every other row equals ``y0``'s."""
+    from sfr_export.quant.observe import quantize_weight
+
     qw, sw = quantize_weight(w, axis=1)
     exact = x.astype(np.float64) @ (qw.astype(np.float64) * sw)  # float activations, the same int8 weight
-    for b in range(3):
-        pooled = np.abs(y1[b, last[b]] - exact[b, last[b]]).max()
-        assert pooled < 0.01 * np.abs(y0[b, last[b]] - exact[b, last[b]]).max()  # two digits: ~250x less error
+    for b, exact_rows in rows.items():
+        others = [i for i in range(x.shape[1]) if i not in exact_rows]
+        np.testing.assert_array_equal(y1[b, others], y0[b, others])
+        for i in exact_rows:
+            assert np.abs(y1[b, i] - exact[b, i]).max() < 0.01 * np.abs(y0[b, i] - exact[b, i]).max()
+
+
+def test_row8_first_rows_get_the_second_digit_too(tmp_path):
+    """first_exact: each text's first attended row (the attention sink) gets the second digit as well as its pooled
+    row, whatever the padding side; a one-token text's single row gets it once, not twice."""
+    from onnx import TensorProto, helper
+
+    from sfr_export.quant.qdq import MatMulInfo, QuantPlan, build_quantized
+
+    rng = np.random.default_rng(2)
+    k, n = 64, 48
+    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "L", k]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "L", n])],
+                          [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), str(src))
+    mapping = {"lin": MatMulInfo("lin", "mm", "w", "x")}
+    paths = {}
+    for first in (False, True):
+        paths[first] = tmp_path / f"row8_{first}.onnx"
+        build_quantized(src, paths[first], mapping, QuantPlan({"lin": "row8"}, {}, pooled_exact=True, first_exact=first),
+                        weight_of=lambda _: w.T, bias_of=lambda _: None)
+    x = rng.normal(0, 1, (4, 6, k)).astype(np.float32)
+    x[:, :, 5] *= 30.0
+    mask = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]], np.int64)
+    (y0,), (y1,) = (_run(paths[f], {"x": x, "attention_mask": mask}) for f in (False, True))
+    _assert_two_digit_rows(w, x, y0, y1, {0: [0], 1: [2], 2: [0], 3: []})  # y0 has the pooled rows' digit already
+    np.testing.assert_array_equal(y1[3], y0[3])  # the one-token text: its one row not counted twice
 
 
 def test_smoothquant_on_a_bf16_reference_is_refused(tiny_int8, capsys):
