@@ -97,8 +97,11 @@ def find_rotary(graph: Any, out: str, head_dim: int, prod: dict[str, Any] | None
     return None
 
 
-def _subgraph(model: Any, outputs: list[str], base_dir: Path | None) -> Any:
-    """A model computing ``outputs`` from ``model``'s inputs (the nodes and initializers they need, loaded)."""
+def subgraph(model: Any, outputs: list[str], base_dir: Path | None, cut: tuple[str, ...] = (),
+             cut_type: int = 1) -> Any:
+    """A model computing ``outputs`` from ``model``'s inputs (the nodes and initializers they need, loaded); the
+    tensors ``cut`` become inputs of their own (element type ``cut_type``, float32 by default), and nothing upstream
+    of them is taken."""
     import onnx
     from onnx import TensorProto, helper
     from onnx.external_data_helper import load_external_data_for_tensor
@@ -106,7 +109,7 @@ def _subgraph(model: Any, outputs: list[str], base_dir: Path | None) -> Any:
     g = model.graph
     needed, nodes = set(outputs), []
     for node in reversed(g.node):
-        if any(o in needed for o in node.output):
+        if any(o in needed and o not in cut for o in node.output):
             nodes.append(node)
             needed.update(i for i in node.input if i)
     inits = []
@@ -119,7 +122,8 @@ def _subgraph(model: Any, outputs: list[str], base_dir: Path | None) -> Any:
                 t2.data_location = TensorProto.DEFAULT
                 del t2.external_data[:]
             inits.append(t2)
-    graph = helper.make_graph(list(reversed(nodes)), "sfr_rope", list(g.input), [], inits)
+    inputs = [i for i in g.input if i.name in needed] + [helper.make_tensor_value_info(c, cut_type, None) for c in cut]
+    graph = helper.make_graph(list(reversed(nodes)), "sfr_sub", inputs, [], inits)
     sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(sub).graph.value_info}
     sub.graph.output.extend(helper.make_tensor_value_info(o, types.get(o, TensorProto.FLOAT), None) for o in outputs)
@@ -133,11 +137,13 @@ def rope_cache(model: Any, use: RotaryUse, positions: int, head_dim: int,
     import onnxruntime as ort
 
     names = [i.name for i in model.graph.input]
-    sess = ort.InferenceSession(_subgraph(model, [use.cos, use.sin], base_dir).SerializeToString(),
+    sess = ort.InferenceSession(subgraph(model, [use.cos, use.sin], base_dir).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
 
+    takes = {i.name for i in sess.get_inputs()}
+
     def run(mask: np.ndarray) -> list[np.ndarray]:
-        out = sess.run(None, {names[0]: np.ones_like(mask), names[1]: mask})
+        out = sess.run(None, {k: v for k, v in {names[0]: np.ones_like(mask), names[1]: mask}.items() if k in takes})
         return [np.broadcast_to(t, (mask.shape[0], 1, mask.shape[1], head_dim)) for t in out]
 
     n = min(9, positions)
