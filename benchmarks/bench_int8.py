@@ -441,10 +441,13 @@ def _lever_models(root: Path, work: Path, only: str = "") -> dict[str, Path]:
              if len(set(c.modes.values())) == 1 and any(x in c.label for x in only.split(","))]  # one mode: no sensitivity order
     if not only or "exactness" in only:
         cands.append(CpuCandidate("float, rotated (exactness)", {n: "float" for n in mapping}, frozenset(mapping)))
-    if "int8pooled" in only:  # the folded candidate with the pooled row plain per-token int8 (no second digit)
-        base = next(c for c in cpu_candidates(list(mapping), {}, set(), last_token=True) if c.fold)
-        cands.append(replace(base, label=base.label.replace("pooled rows exact", "pooled rows int8 (int8pooled)"),
-                             pooled_exact=False))
+    base = next(c for c in cpu_candidates(list(mapping), {}, set(), last_token=True) if c.fold)
+    if "int8pooled" in only:  # the folded candidate with the pooled and first rows plain per-token int8 (no digit)
+        cands.append(replace(base, label=base.label.replace("rows exact", "rows int8 (int8pooled)"),
+                             pooled_exact=False, first_exact=False))
+    if "pooledonly" in only:  # the folded candidate with the second digit on the pooled rows alone
+        cands.append(replace(base, label=base.label.replace("pooled and first rows exact", "pooled rows exact (pooledonly)"),
+                             first_exact=False))
     fold = _lever_fold(root, src, mapping, model) if any(c.fold for c in cands) else None
     del model
     out = {}
@@ -623,7 +626,8 @@ def main() -> None:
     ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
     ap.add_argument("--levers", nargs="?", const="", default=None, help="smollm2: also the lever variants (row8, "
                     "folded, rotated, nbits8); a value keeps the levers whose label holds one of its comma-separated words "
-                    "('int8pooled' adds the folded form without the pooled row's second digit)")
+                    "('int8pooled' adds the folded form without the second digit, 'pooledonly' with it on the pooled "
+                    "rows alone, not on the first rows)")
     ap.add_argument("--other-sts", action="store_true", help="smollm2: also STS13-16 and BIOSSES")
     ap.add_argument("--other-sts-pairs", type=int, default=400, help="smollm2: pairs per other STS set (seeded subsample)")
     ap.add_argument("--other-sts-skip", default="", help="smollm2: comma-separated substrings of offered forms not to "

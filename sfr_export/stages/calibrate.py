@@ -466,6 +466,7 @@ class CpuCandidate:
     modes: dict[str, str]
     rotated: frozenset[str] = frozenset()  # linears whose input is rotated online
     pooled_exact: bool = False  # row8: the pooled row of every activation gets a second int8 digit (QuantPlan)
+    first_exact: bool = False  # row8 with pooled_exact: each text's first attended row gets it too (QuantPlan)
     fold: bool = False  # the residual stream rotated once (sfr_export.quant.fold); ``rotated``: down_proj only
 
 
@@ -487,9 +488,12 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     # rotations per layer. rotate (--rotation on): the per-linear rotations; not in auto, because with the recipe's
     # seed that form realized dSpearman -0.32 and -0.41 on all 1,379 STSB test pairs in two SmolLM2 builds (expected
     # -0.05), where the folded forms realized -0.11 to +0.10 (docs/int8.md)
-    folded = CpuCandidate(f"row8 folded, {FOLD_FLOAT_CHANNELS} residual channels float" + (", pooled rows exact" if last_token else ""),
+    # its first rows too (the attention sink): on real SmolLM2 that halved 1 - cos on all STSB test pairs and STS13
+    # (docs/int8.md, "The first row")
+    folded = CpuCandidate(f"row8 folded, {FOLD_FLOAT_CHANNELS} residual channels float"
+                          + (", pooled and first rows exact" if last_token else ""),
                           {n: "row8" for n in names}, frozenset(n for n in names if n.endswith("down_proj")),
-                          pooled_exact=last_token, fold=True)
+                          pooled_exact=last_token, first_exact=last_token, fold=True)
     out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([folded] if fold else []) + ([rotated] if rotate else [])
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
@@ -539,7 +543,7 @@ def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: Cp
         w = fold.weight(n, w) if fold is not None else w
         return rots[n].apply(w) if n in rots else w
 
-    plan = qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact,
+    plan = qdq.QuantPlan(cand.modes, {}, rotations=rots, pooled_exact=cand.pooled_exact, first_exact=cand.first_exact,
                          float_channels=fold.float_channels() if fold is not None else {}, moments=moments)
     edits = None if fold is None else fold.graph_edits(lambda: qdq.read_tensor(inits[fold.embedding], src.parent))
     info = qdq.build_quantized(src, path, mapping, plan, weight_of=weight_of, bias_of=lambda n: None, edits=edits)
@@ -635,7 +639,8 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
                                                moments=inp.moments if cand.fold else None)
         fid = _measure(out / "model.onnx", CPU_SESSION_CONFIG, inp.ev, inp.hold_b, inp.pair_b, inp.gold, targets)
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
-                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact, "fold": cand.fold,
+                      "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact,
+                      "first_exact": cand.first_exact, "fold": cand.fold,
                       "weight_rounding": _rounding_figures(built), **fid})
         if fid["met"]:
             break
@@ -643,11 +648,13 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
     return {"fidelity": tries[-1], "tries": tries, "chosen": tries[-1]["candidate"], "attention": attention,
             "float_nodes": sorted(n for n, m in cand.modes.items() if m == "float"),
             "per_matmul": cand.modes, "rotated_inputs": sorted(cand.rotated), "pooled_exact": cand.pooled_exact,
+            "first_exact": cand.first_exact,
             "residual_fold": inp.figures.get("residual_fold") if cand.fold else None,
             "form": {"row8": {"op": "com.microsoft.MatMulIntegerToFloat", "activation": "per-token symmetric, dynamic",
                               "weight": "per-output-channel symmetric int8 (folded form: GPTQ-rounded unless "
                                         "--weight-rounding nearest; see tries[].weight_rounding)",
-                              "pooled_exact": "the pooled row's rounding residual as a second int8 digit (ScatterND add)"},
+                              "pooled_exact": "the pooled row's rounding residual as a second int8 digit (ScatterND add)",
+                              "first_exact": "each text's first attended row gets that second digit too"},
                      "nbits8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
                                 "accuracy_level": 4},
                      "rotation": {"ops": "Reshape, MatMul (random-sign Hadamard), Transpose, MatMul (random orthogonal), "
