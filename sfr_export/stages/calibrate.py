@@ -508,23 +508,25 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     return out
 
 
-def fuse_cpu_attention(path: Path, plan: Any) -> str:
+def fuse_cpu_attention(path: Path, plan: Any, *, pooled_tail: bool = True) -> str:
     """Rewrite the CPU form's ``Attention`` nodes in place to the contrib op ONNX Runtime's CPU provider runs fastest,
-    as the fp32 export's ``model.cpu.onnx`` (attention stays float); returns the op used."""
+    as the fp32 export's ``model.cpu.onnx`` (attention stays float; ``pooled_tail`` as there); returns the op used."""
     from .ort_attention import cpu_form_op, write_cpu_form
 
     op = cpu_form_op(plan.form, plan.num_heads, plan.kv_heads)
     if op is not None:
-        write_cpu_form(path, plan, dst=path)
+        write_cpu_form(path, plan, dst=path, pooled_tail=pooled_tail)
     return op or "Attention"
 
 
 def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: CpuCandidate, *, seed: int,
-                        attention: Any, fold: Any = None, moments: Any = None) -> tuple[str, dict[str, Any]]:
+                        attention: Any, fold: Any = None, moments: Any = None,
+                        pooled_tail: bool = True) -> tuple[str, dict[str, Any]]:
     """Write one CPU candidate to ``path`` from the fp32 ONNX ``src``, streaming its weights one tensor at a time
     (rotated there in float64 when the candidate is rotated; folded by ``fold``, a ResidualFold, when given; its
-    int8 weights rounded by GPTQ on ``moments``, a quant.gptq.MomentStore, when given); returns the attention op the
-    form runs and the writer's figures."""
+    int8 weights rounded by GPTQ on ``moments``, a quant.gptq.MomentStore, when given; ``pooled_tail=False`` keeps
+    every row of the last layer, as a graph read for its MatMul inputs must); returns the attention op the form runs
+    and the writer's figures."""
     import onnx
 
     from ..quant import qdq
@@ -547,7 +549,7 @@ def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: Cp
                          float_channels=fold.float_channels() if fold is not None else {}, moments=moments)
     edits = None if fold is None else fold.graph_edits(lambda: qdq.read_tensor(inits[fold.embedding], src.parent))
     info = qdq.build_quantized(src, path, mapping, plan, weight_of=weight_of, bias_of=lambda n: None, edits=edits)
-    return fuse_cpu_attention(path, attention), info
+    return fuse_cpu_attention(path, attention, pooled_tail=pooled_tail), info
 
 
 def _fold_channels(inp: _Inputs) -> tuple[int, ...] | None:
@@ -578,7 +580,7 @@ def _plan_fold(inp: _Inputs, out: Path) -> Any:
     modes = {n: "float" for n in inp.mapping}
     write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, CpuCandidate("float, folded", modes, fold=True,
                         rotated=frozenset(n for n in modes if n.endswith("down_proj"))), seed=inp.recipe.seed,
-                        attention=inp.attention, fold=fold)
+                        attention=inp.attention, fold=fold, pooled_tail=False)  # GPTQ's moments: every row
     f = fidelity(inp.ev.ref, _ort_embed(out / "model.onnx", CPU_SESSION_CONFIG, inp.hold_b))
     if f.cos_min < 0.99999:
         raise CalibrationError(f"the residual fold changed the fp32 model: min cos {f.cos_min:.7f} < 0.99999")

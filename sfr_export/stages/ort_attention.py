@@ -279,19 +279,22 @@ def rewrite_attention(model: Any, *, heads: int, kv_heads: int, head_dim: int, m
     return count
 
 
-def write_cpu_form(src: Path, plan: AttentionPlan, dst: Path | None = None) -> tuple[Path, int]:
+def write_cpu_form(src: Path, plan: AttentionPlan, dst: Path | None = None, *,
+                   pooled_tail: bool = True) -> tuple[Path, int]:
     """Write the CPU form of ``src`` to ``dst`` (default ``model.cpu.onnx`` next to it, sharing its external data;
     ``dst = src`` rewrites in place, atomically) for the export's attention ``plan``; returns (path, nodes
-    rewritten)."""
+    rewritten). ``pooled_tail``: a last-token graph runs its last layer's tail on the pooled rows only
+    (stages.ort_tail), which leaves the embeddings as they are but not the other rows of that tail."""
     import onnx
 
     from .ort_norms import fuse_rms_norms
+    from .ort_tail import trim_tail
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
     count = rewrite_attention(model, heads=plan.num_heads, kv_heads=plan.kv_heads, head_dim=plan.head_dim,
                               max_positions=plan.max_positions, base_dir=src.parent)
-    if fuse_rms_norms(model):
+    if fuse_rms_norms(model) + (trim_tail(model, src.parent) if pooled_tail else 0):
         _prune(model.graph)
     dst = src.with_name(CPU_FORM_NAME) if dst is None else Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")

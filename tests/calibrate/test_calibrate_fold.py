@@ -20,7 +20,7 @@ from sfr_export.quant.qdq import map_matmuls
 from sfr_export.quant.recipe import load_recipe, sample_recipe
 from sfr_export.spec import spec_from_model_dir
 from sfr_export.stages.export import plan_attention_from_dir
-from sfr_export.stages.calibrate import CpuCandidate, make_batches, write_cpu_candidate
+from sfr_export.stages.calibrate import CpuCandidate, cpu_candidates, make_batches, write_cpu_candidate
 from sfr_export.tokenization import TextTokenizer
 from sfr_export.vectors import row_cosine
 
@@ -76,13 +76,16 @@ def _write(setup, tmp_path, mode: str, keep: tuple[int, ...], name: str, moments
 
 
 def _write_with_figures(setup, tmp_path, mode, keep, name, moments=None) -> tuple[Path, dict]:
+    """One folded candidate, as the stage writes it (a float graph, as read for GPTQ's moments, keeps every row of
+    its last layer)."""
     src, attention, mapping, _, _, _ = setup
     fold = fd.plan_residual_fold(onnx.load(str(src), load_external_data=False), mapping, keep, 0, src.parent)
     modes = {n: mode for n in mapping}
     cand = CpuCandidate(name, modes, frozenset(n for n in modes if n.endswith("down_proj")), fold=True)
     out = tmp_path / name / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, built = write_cpu_candidate(src, out, mapping, cand, seed=0, attention=attention, fold=fold, moments=moments)
+    _, built = write_cpu_candidate(src, out, mapping, cand, seed=0, attention=attention, fold=fold, moments=moments,
+                                   pooled_tail=mode != "float")
     return out, built
 
 
@@ -121,6 +124,24 @@ def test_float_channels_rescue_per_token_int8_of_the_folded_graph(setup, tmp_pat
     kept = row_cosine(ref, _ort_embed(_write(setup, tmp_path, "row8", MASSIVE, "kept"), hold))
     print(f"row8 folded: 1 - cos {1 - plain.mean():.3e}; massive channels float: {1 - kept.mean():.3e}")
     assert 1 - kept.mean() < 0.5 * (1 - plain.mean())
+
+
+def test_the_last_token_candidate_runs_its_tail_on_the_pooled_rows_with_the_same_embeddings(setup, tmp_path):
+    """The folded candidate of a last-token model (the second digit on each text's pooled and first rows): with the
+    last layer's tail on the pooled rows alone, its embeddings are those it gives with every row (the digit's row
+    indices follow the tail); right-padded held-out batches."""
+    src, attention, mapping, _, _, hold = setup
+    cand = next(c for c in cpu_candidates(list(mapping), {}, set(), last_token=True) if c.fold)
+    assert cand.pooled_exact and cand.first_exact
+    fold = fd.plan_residual_fold(onnx.load(str(src), load_external_data=False), mapping, MASSIVE, 0, src.parent)
+    outs = {}
+    for tail in (False, True):
+        outs[tail] = tmp_path / f"tail-{tail}" / "model.onnx"
+        outs[tail].parent.mkdir(parents=True)
+        write_cpu_candidate(src, outs[tail], mapping, cand, seed=0, attention=attention, fold=fold, pooled_tail=tail)
+    ops = {t: [n.op_type for n in onnx.load(str(p), load_external_data=False).graph.node] for t, p in outs.items()}
+    assert "GatherElements" in ops[False] and "GatherElements" not in ops[True]
+    np.testing.assert_allclose(_ort_embed(outs[True], hold), _ort_embed(outs[False], hold), rtol=0, atol=1e-6)
 
 
 def test_the_fold_refuses_an_encoder():

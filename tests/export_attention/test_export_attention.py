@@ -106,6 +106,19 @@ def test_cpu_form_runs_each_rms_norm_as_one_op(tiny_artifact):
     np.testing.assert_array_equal(inits[norms[-1].input[1]], model.norm.weight.detach().numpy())
 
 
+def test_cpu_form_runs_the_last_layer_tail_on_the_pooled_rows(tiny_artifact):
+    """Last-token pooling: after the last attention every node is row-wise, so the CPU form runs the last layer's
+    o_proj and MLP on each text's pooled row alone (B rows); the portable form keeps B x L (both match torch: below)."""
+    m = Manifest.load(tiny_artifact)
+    ids, mask = _random_batch([37, 20, 1], seed=6)
+    for kind, last_rows in (("onnx-cpu", 3), ("onnx", 3 * 37)):
+        path = m.artifact_path("export:fp32", kind)
+        shapes = _all_tensor_shapes(path, ids, mask)
+        linears = [n.output[0] for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMul"]
+        rows = [int(np.prod(shapes[o][:-1])) for o in linears]
+        assert len(rows) == 14 and rows[-4:] == [last_rows] * 4 and set(rows[:-4]) == {3 * 37}, (kind, rows)
+
+
 def test_both_forms_match_torch_past_the_sliding_window(tiny_artifact):
     """Rows up to demo:tiny-mistral's max length (128), four times its window (32), right padded."""
     ids, mask = _random_batch([128, 100, 33, 7, 64])
