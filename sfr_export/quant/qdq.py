@@ -167,6 +167,12 @@ def norm_mul_for(model: Any, activation: str, channels: int) -> tuple[Any, int] 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The row-index tensors of the pooled-row digit ([B, 2] and [2B, 2] (row, position), [2B, 1] 0/1 weights): made
+# once per graph, and read again by stages.ort_tail where the last layer runs on the pooled rows only
+POOLED_INDEX = "sfr_pooled_idx"
+DIGIT_INDEX = "sfr_digit_idx"
+DIGIT_VALID = "sfr_digit_valid"
+
 # Building the quantized graph
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -336,10 +342,10 @@ def _pooled_float(e: _Edit, q: Any, a: str, w: str, nodes: list[Any]) -> Any:
     q.output[0] = f"{out}_q8"
     nodes.append(q)
     if f"pooled:{a}" not in e.shared:
-        nodes.append(helper.make_node("GatherND", [a, "sfr_pooled_idx"], [f"{a}_pooled"], name=f"{a}_GatherPooled"))
+        nodes.append(helper.make_node("GatherND", [a, POOLED_INDEX], [f"{a}_pooled"], name=f"{a}_GatherPooled"))
         e.shared[f"pooled:{a}"] = f"{a}_pooled"
     nodes.append(helper.make_node("MatMul", [e.shared[f"pooled:{a}"], w], [f"{out}_pooled"], name=f"{q.name}_pooled"))
-    return helper.make_node("ScatterND", [f"{out}_q8", "sfr_pooled_idx", f"{out}_pooled"], [out],
+    return helper.make_node("ScatterND", [f"{out}_q8", POOLED_INDEX, f"{out}_pooled"], [out],
                             name=f"{q.name}_pooled_scatter")
 
 
@@ -457,9 +463,9 @@ def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
     (made once per graph)."""
     from onnx import TensorProto, helper
 
-    if "sfr_pooled_idx" in e.shared:
+    if POOLED_INDEX in e.shared:
         return
-    e.shared["sfr_pooled_idx"] = "sfr_pooled_idx"
+    e.shared[POOLED_INDEX] = POOLED_INDEX
     e.new_inits += [helper.make_tensor("sfr_pi_0", TensorProto.INT64, [], [0]),
                     helper.make_tensor("sfr_pi_1", TensorProto.INT64, [], [1]),
                     helper.make_tensor("sfr_pi_ax1", TensorProto.INT64, [1], [1])]
@@ -472,7 +478,7 @@ def _pooled_index(e: _Edit, nodes: list[Any]) -> None:
               helper.make_node("ArgMax", ["sfr_pi_mp"], ["sfr_pi_last"], name="sfr_pi_Last", axis=1, keepdims=1),
               helper.make_node("Range", ["sfr_pi_0", "sfr_pi_b", "sfr_pi_1"], ["sfr_pi_rows"], name="sfr_pi_Rows"),
               helper.make_node("Unsqueeze", ["sfr_pi_rows", "sfr_pi_ax1"], ["sfr_pi_rows2"], name="sfr_pi_Rows2"),
-              helper.make_node("Concat", ["sfr_pi_rows2", "sfr_pi_last"], ["sfr_pooled_idx"], name="sfr_pi_Idx", axis=1)]
+              helper.make_node("Concat", ["sfr_pi_rows2", "sfr_pi_last"], [POOLED_INDEX], name="sfr_pi_Idx", axis=1)]
 
 
 def _digit_rows(e: _Edit, nodes: list[Any]) -> str:
@@ -483,18 +489,18 @@ def _digit_rows(e: _Edit, nodes: list[Any]) -> str:
 
     _pooled_index(e, nodes)
     if not e.plan.first_exact:
-        return "sfr_pooled_idx"
-    if "sfr_digit_idx" not in e.shared:
-        e.shared["sfr_digit_idx"] = "sfr_digit_idx"
+        return POOLED_INDEX
+    if DIGIT_INDEX not in e.shared:
+        e.shared[DIGIT_INDEX] = DIGIT_INDEX
         nodes += [helper.make_node("ArgMax", ["sfr_pi_mask"], ["sfr_di_first"], name="sfr_di_First", axis=1, keepdims=1),
                   helper.make_node("Concat", ["sfr_pi_rows2", "sfr_di_first"], ["sfr_di_fidx"], name="sfr_di_FirstIdx", axis=1),
-                  helper.make_node("Concat", ["sfr_pooled_idx", "sfr_di_fidx"], ["sfr_digit_idx"], name="sfr_di_Idx", axis=0),
+                  helper.make_node("Concat", [POOLED_INDEX, "sfr_di_fidx"], [DIGIT_INDEX], name="sfr_di_Idx", axis=0),
                   helper.make_node("Equal", ["sfr_pi_last", "sfr_pi_last"], ["sfr_di_all"], name="sfr_di_All"),
                   helper.make_node("Equal", ["sfr_di_first", "sfr_pi_last"], ["sfr_di_same"], name="sfr_di_Same"),
                   helper.make_node("Not", ["sfr_di_same"], ["sfr_di_other"], name="sfr_di_Other"),
                   helper.make_node("Concat", ["sfr_di_all", "sfr_di_other"], ["sfr_di_valid"], name="sfr_di_Valid", axis=0),
-                  helper.make_node("Cast", ["sfr_di_valid"], ["sfr_digit_valid"], name="sfr_di_ValidF", to=TensorProto.FLOAT)]
-    return "sfr_digit_idx"
+                  helper.make_node("Cast", ["sfr_di_valid"], [DIGIT_VALID], name="sfr_di_ValidF", to=TensorProto.FLOAT)]
+    return DIGIT_INDEX
 
 
 def _pooled_digit(e: _Edit, a: str, p: str, nodes: list[Any]) -> None:
@@ -517,7 +523,7 @@ def _pooled_digit(e: _Edit, a: str, p: str, nodes: list[Any]) -> None:
               helper.make_node("Mul", [f"{d}_row", "sfr_d2_step"], [f"{d}_step" if e.plan.first_exact else f"{d}_scale"],
                                name=f"{d}_Scale")]
     if e.plan.first_exact:
-        nodes.append(helper.make_node("Mul", [f"{d}_step", "sfr_digit_valid"], [f"{d}_scale"], name=f"{d}_Valid"))
+        nodes.append(helper.make_node("Mul", [f"{d}_step", DIGIT_VALID], [f"{d}_scale"], name=f"{d}_Valid"))
 
 
 ACT_WRITERS: dict[str, Callable[[_Edit, Any, MatMulInfo, list[Any]], Any]] = {
