@@ -22,6 +22,8 @@ Rows (every linear W8A8: int8 weights per output channel, per-token int8 activat
   blocks), without the orthogonal factor that mixes the blocks (one MatMul instead of two and a Transpose);
   ``+downhadN``: in N-channel blocks (N a power of two up to 64; the online MatMul's cost is linear in N).
 - ``+pos0``: position 0 (the attention sink) keeps float activations everywhere.
+- ``+exact``: each text's first attended row and its pooled (last attended) row keep float activations everywhere:
+  what the CPU form's second int8 digit on those rows approximates (``QuantPlan.pooled_exact``/``first_exact``).
 
 Why the fold costs fidelity (the hypothesis this probe tests): before the fold, the norm scale ``g`` shrinks the
 massive channels before the quantizer sees them; after the fold the quantizer sees ``norm(x) Q`` whose per-token
@@ -59,6 +61,7 @@ class FoldRow:
     fold: bool
     keep: int = 0
     pos0: bool = False
+    exact: bool = False  # each text's first and pooled rows float in every linear input
     ident: bool = False  # the kept channels stay out of Q (g kept on them) but are quantized with the rest
     down: int = -1  # -1: down_proj's input rotated online; K >= 0: not rotated, its K most massive channels float
     down_hadamard: int = 0  # > 0: down_proj's online rotation is a random-sign block-Hadamard alone, blocks of this size
@@ -67,11 +70,11 @@ class FoldRow:
     def parse(cls, name: str) -> "FoldRow":
         base, *opts = name.split("+")
         num = {o.rstrip("0123456789"): int(o[len(o.rstrip("0123456789")):]) for o in opts if o[-1:].isdigit()}
-        known = all(o in ("pos0", "downhad") or o.rstrip("0123456789") in ("keep", "ident", "down", "downhad") and o[-1:].isdigit() for o in opts)
+        known = all(o in ("pos0", "downhad", "exact") or o.rstrip("0123456789") in ("keep", "ident", "down", "downhad") and o[-1:].isdigit() for o in opts)
         if base not in ("rot", "fold") or not known or (num and base != "fold") or ("keep" in num and "ident" in num):
-            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK|+identK][+downK|+downhad[N]][+pos0]")
+            raise SystemExit(f"unknown row {name!r}: rot[+pos0] or fold[+keepK|+identK][+downK|+downhad[N]][+pos0][+exact]")
         had = num.get("downhad", 64 if "downhad" in opts else 0)
-        return cls(name, fold=base == "fold", keep=num.get("keep", num.get("ident", 0)), pos0="pos0" in opts,
+        return cls(name, fold=base == "fold", keep=num.get("keep", num.get("ident", 0)), pos0="pos0" in opts, exact="exact" in opts,
                    ident="ident" in num, down=num.get("down", -1), down_hadamard=had)
 
 
@@ -124,8 +127,12 @@ def fold_residual(model: Any, q: Any, keep: tuple[int, ...]) -> None:
     model.norm.register_forward_pre_hook(lambda _m, a: (a[0] @ qt.to(a[0].dtype), *a[1:]))
 
 
-def _fake(x: Any, keep: Any, pos0: bool) -> Any:
-    """Per-token symmetric int8 of ``x``; the channels ``keep`` (may be empty) and, with ``pos0``, position 0 float."""
+_ROWS: dict[str, Any] = {}  # the batch's first and pooled row per text (set by w8a8's model pre-hook), for +exact
+
+
+def _fake(x: Any, keep: Any, pos0: bool, exact: bool = False) -> Any:
+    """Per-token symmetric int8 of ``x``; the channels ``keep`` (may be empty) and, with ``pos0``, position 0 float;
+    with ``exact``, each text's first and pooled rows float."""
     import torch
 
     xr = x.clone()
@@ -137,6 +144,10 @@ def _fake(x: Any, keep: Any, pos0: bool) -> Any:
         xq[..., keep] = x[..., keep]
     if pos0 and x.dim() == 3:
         xq[:, :1] = x[:, :1]
+    if exact and x.dim() == 3:
+        b = torch.arange(x.shape[0])
+        for rows in (_ROWS["first"], _ROWS["pooled"]):
+            xq[b, rows] = x[b, rows]
     return xq
 
 
@@ -158,7 +169,8 @@ def w8a8(model: Any, row: FoldRow, keep: dict[str, Any]) -> Iterator[None]:
         if k is not None:
             wq[:, k] = m.weight.data.float()[:, k]
         m.weight.data = wq.to(m.weight.dtype)
-        handles.append(m.register_forward_pre_hook(lambda _m, a, k=k: (_fake(a[0], k, row.pos0), *a[1:])))
+        handles.append(m.register_forward_pre_hook(lambda _m, a, k=k: (_fake(a[0], k, row.pos0, row.exact), *a[1:])))
+    handles.append(model.register_forward_pre_hook(_note_rows, with_kwargs=True))
     try:
         yield
     finally:
@@ -166,6 +178,13 @@ def w8a8(model: Any, row: FoldRow, keep: dict[str, Any]) -> Iterator[None]:
             m.weight.data = w
         for h in handles:
             h.remove()
+
+
+def _note_rows(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Record each text's first and last attended row of the batch the model is about to run (either padding side)."""
+    mask = kwargs["attention_mask"]
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    _ROWS.update(first=mask.argmax(1), pooled=last)
 
 
 def _hadamard_only(model: Any, seed: int, nb: int) -> None:

@@ -454,6 +454,16 @@ def _measure(path: Path, session_config: dict[str, str], ev: Any, hold_b: Any, p
 # 0.99888, sixteen 0.99898, against 0.99876 for the online rotations it replaces (docs/int8.md)
 FOLD_FLOAT_CHANNELS = 2
 
+
+def fold_down_block(exact_rows: bool) -> int:
+    """Channels per block of the fold's online block-Hadamard at ``down_proj`` (its MatMul costs in proportion).
+    Where each text's first and pooled rows get a second int8 digit (last-token models), 16 is as good as 64: real
+    SmolLM2, torch fake quantization, all 1,379 STSB test pairs, cos 0.99936 / 0.99933 / 0.99939 at 16 / 32 / 64
+    (expected dSpearman -0.052 / -0.047 / -0.046; none: 0.99914, -0.109), and a fresh build runs 1.075x faster at
+    B8 x L128 (one thread). Without those digits 16 gave 13% more 1 - cos than 64 (400 pairs), so 64 (docs/int8.md)."""
+    return 16 if exact_rows else 64
+
+
 # Linears whose input the CPU form does not rotate: the attention output holds no outlier that per-token scales
 # cannot hold. On real SmolLM2 (300 STSB test pairs) rotating o_proj too moved row8 from cos 0.99876 to 0.99889 for
 # one more online rotation per layer (of four).
@@ -468,6 +478,7 @@ class CpuCandidate:
     pooled_exact: bool = False  # row8: the pooled row of every activation gets a second int8 digit (QuantPlan)
     first_exact: bool = False  # row8 with pooled_exact: each text's first attended row gets it too (QuantPlan)
     fold: bool = False  # the residual stream rotated once (sfr_export.quant.fold); ``rotated``: down_proj only
+    down_block: int = 64  # fold: channels per block of down_proj's online block-Hadamard (fold_down_block)
 
 
 def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[str], *,
@@ -493,7 +504,8 @@ def cpu_candidates(names: list[str], sensitivity: dict[str, float], w8a8: set[st
     folded = CpuCandidate(f"row8 folded, {FOLD_FLOAT_CHANNELS} residual channels float"
                           + (", pooled and first rows exact" if last_token else ""),
                           {n: "row8" for n in names}, frozenset(n for n in names if n.endswith("down_proj")),
-                          pooled_exact=last_token, first_exact=last_token, fold=True)
+                          pooled_exact=last_token, first_exact=last_token, fold=True,
+                          down_block=fold_down_block(last_token))
     out = [CpuCandidate("row8", {n: "row8" for n in names})] + ([folded] if fold else []) + ([rotated] if rotate else [])
     few = set(order[: max(1, int(round(0.15 * len(order))))])
     out.append(CpuCandidate("row8 + nbits8 on the 15% most sensitive", {n: ("nbits8" if n in few else "row8") for n in names}))
@@ -538,7 +550,7 @@ def write_cpu_candidate(src: Path, path: Path, mapping: dict[str, Any], cand: Cp
     rots = {n: make_rotation(int(inits[mapping[n].weight].dims[0]), seed) for n in cand.rotated}
     if cand.fold:  # the fold leaves down_proj rotated online: the block-Hadamard factor alone does as well there
         # (real SmolLM2, torch probe, 400 STSB test pairs: cos 0.99890 against 0.99888), for one MatMul instead of two
-        rots = {n: r.block_only() for n, r in rots.items()}
+        rots = {n: r.block_only(min(cand.down_block, r.nb)) for n, r in rots.items()}
 
     def weight_of(n: str) -> np.ndarray:
         w = qdq.read_tensor(inits[mapping[n].weight], src.parent).T  # ONNX B is [in, out]
@@ -579,7 +591,8 @@ def _plan_fold(inp: _Inputs, out: Path) -> Any:
     out.mkdir(parents=True)
     modes = {n: "float" for n in inp.mapping}
     write_cpu_candidate(inp.src, out / "model.onnx", inp.mapping, CpuCandidate("float, folded", modes, fold=True,
-                        rotated=frozenset(n for n in modes if n.endswith("down_proj"))), seed=inp.recipe.seed,
+                        rotated=frozenset(n for n in modes if n.endswith("down_proj")),
+                        down_block=fold_down_block(inp.last_token)), seed=inp.recipe.seed,
                         attention=inp.attention, fold=fold, pooled_tail=False)  # GPTQ's moments: every row
     f = fidelity(inp.ev.ref, _ort_embed(out / "model.onnx", CPU_SESSION_CONFIG, inp.hold_b))
     if f.cos_min < 0.99999:
@@ -643,6 +656,7 @@ def _cpu_form(inp: _Inputs, sel: Any, targets: Any) -> dict[str, Any]:
         tries.append({"candidate": cand.label, "modes": dict(sorted(Counter(cand.modes.values()).items())),
                       "rotated": len(cand.rotated), "pooled_exact": cand.pooled_exact,
                       "first_exact": cand.first_exact, "fold": cand.fold,
+                      **({"down_block": cand.down_block} if cand.fold else {}),
                       "weight_rounding": _rounding_figures(built), **fid})
         if fid["met"]:
             break

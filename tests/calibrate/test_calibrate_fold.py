@@ -20,7 +20,7 @@ from sfr_export.quant.qdq import map_matmuls
 from sfr_export.quant.recipe import load_recipe, sample_recipe
 from sfr_export.spec import spec_from_model_dir
 from sfr_export.stages.export import plan_attention_from_dir
-from sfr_export.stages.calibrate import CpuCandidate, cpu_candidates, make_batches, write_cpu_candidate
+from sfr_export.stages.calibrate import CpuCandidate, cpu_candidates, fold_down_block, make_batches, write_cpu_candidate
 from sfr_export.tokenization import TextTokenizer
 from sfr_export.vectors import row_cosine
 
@@ -71,17 +71,18 @@ def setup(channel_mistral, tmp_path_factory):
         make_batches(tt, [c.text for c in cs.holdout], 8)
 
 
-def _write(setup, tmp_path, mode: str, keep: tuple[int, ...], name: str, moments=None) -> Path:
-    return _write_with_figures(setup, tmp_path, mode, keep, name, moments)[0]
+def _write(setup, tmp_path, mode: str, keep: tuple[int, ...], name: str, moments=None, down_block: int = 64) -> Path:
+    return _write_with_figures(setup, tmp_path, mode, keep, name, moments, down_block)[0]
 
 
-def _write_with_figures(setup, tmp_path, mode, keep, name, moments=None) -> tuple[Path, dict]:
+def _write_with_figures(setup, tmp_path, mode, keep, name, moments=None, down_block=64) -> tuple[Path, dict]:
     """One folded candidate, as the stage writes it (a float graph, as read for GPTQ's moments, keeps every row of
     its last layer)."""
     src, attention, mapping, _, _, _ = setup
     fold = fd.plan_residual_fold(onnx.load(str(src), load_external_data=False), mapping, keep, 0, src.parent)
     modes = {n: mode for n in mapping}
-    cand = CpuCandidate(name, modes, frozenset(n for n in modes if n.endswith("down_proj")), fold=True)
+    cand = CpuCandidate(name, modes, frozenset(n for n in modes if n.endswith("down_proj")), fold=True,
+                        down_block=down_block)
     out = tmp_path / name / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     _, built = write_cpu_candidate(src, out, mapping, cand, seed=0, attention=attention, fold=fold, moments=moments,
@@ -103,6 +104,21 @@ def test_the_folded_graph_is_exact_in_float(setup, tmp_path, keep):
     onnx.checker.check_model(str(out))
     nodes = onnx.load(str(out)).graph.node
     assert sum(n.name.endswith("_premul") for n in nodes) == 1  # the final norm's rotation back
+    assert row_cosine(_ort_embed(src, hold), _ort_embed(out, hold)).min() >= 0.99999
+
+
+def test_a_last_token_fold_rotates_down_proj_in_16_channel_blocks_exact_in_float(setup, tmp_path):
+    """Where each text's first and pooled rows get a second digit, down_proj's online block-Hadamard runs in blocks
+    of 16 channels (a quarter of 64's multiply-adds, as faithful on real SmolLM2: docs/int8.md); the folded graph
+    is still the same model in float."""
+    src, _, mapping, _, _, hold = setup
+    cand = next(c for c in cpu_candidates(list(mapping), {}, set(), last_token=True) if c.fold)
+    assert cand.first_exact and cand.down_block == fold_down_block(True) == 16 and fold_down_block(False) == 64
+    out = _write(setup, tmp_path, "float", MASSIVE, "float-block16", down_block=16)
+    m = onnx.load(str(out))
+    inits = {t.name: t for t in m.graph.initializer}
+    blocks = [tuple(inits[n.input[1]].dims) for n in m.graph.node if n.name.endswith("_rot_Hadamard")]
+    assert blocks and set(blocks) == {(16, 16)}
     assert row_cosine(_ort_embed(src, hold), _ort_embed(out, hold)).min() >= 0.99999
 
 
