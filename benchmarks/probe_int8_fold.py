@@ -30,6 +30,9 @@ massive channels before the quantizer sees them; after the fold the quantizer se
 scale is set by the massive channels, and its noise is then multiplied by ``g`` in every channel.
 
     OMP_NUM_THREADS=2 python benchmarks/probe_int8_fold.py --rows rot,fold,fold+keep4,fold+keep8 --out /tmp/fold.json
+
+``--set BIOSSES`` (or STS13-16) probes another STS set's pairs; ``--seeds 0,1,2`` repeats every row with each
+rotation seed, which shows how far one build's realized delta on a small set moves with its random rotation alone.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import cos_rows, sts_score, stsb_test  # noqa: E402
+from bench_int8 import DATA, OTHER_STS, cos_rows, sts_score, stsb_test  # noqa: E402
 from probe_int8_torch import _copy, _load, _row  # noqa: E402
 
 from sfr_export.quant.fold import massive_channels, residual_rotation  # noqa: E402
@@ -227,6 +230,21 @@ def prepare(model: Any, row: FoldRow, calib: list[Any], seed: int) -> tuple[Any,
     return m, floats
 
 
+def sts_pairs(name: str, cap: int) -> tuple[list[str], list[str], np.ndarray]:
+    """The first ``cap`` pairs of STSBenchmark's test split or of another STS set of the shared data."""
+    from sfr_export.eval.loaders import Limits, load_task
+
+    if name == "STSBenchmark":
+        s1, s2, gold = stsb_test()
+    else:
+        fmt = dict(OTHER_STS).get(name)
+        if fmt is None:
+            raise SystemExit(f"unknown set {name!r}: STSBenchmark or one of {', '.join(n for n, _ in OTHER_STS)}")
+        t = load_task(DATA / name, name, fmt, Limits())
+        s1, s2, gold = list(t.sentences1), list(t.sentences2), np.array(t.scores)
+    return s1[:cap], s2[:cap], gold[:cap]
+
+
 def main() -> None:
     import torch
 
@@ -235,7 +253,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="rot,fold,fold+keep4,fold+keep8")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="rotation seeds, comma-separated: every row runs with each")
+    ap.add_argument("--set", default="STSBenchmark", help="STSBenchmark (test split) or STS13-16 / BIOSSES")
     ap.add_argument("--pairs", type=int, default=1379)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/sfr-probe-fold.json")
@@ -245,21 +264,22 @@ def main() -> None:
     model, tt, spec = _load(args.threads)
     cal = sample_recipe(load_recipe("default", samples=64, holdout=24), tt, spec).calibration
     calib = make_batches(tt, [c.text for c in cal], 8)
-    s1, s2, gold = (v[: args.pairs] for v in stsb_test())
+    s1, s2, gold = sts_pairs(args.set, args.pairs)
+    seeds = [int(v) for v in args.seeds.split(",")]
     batches = make_batches(tt, spec.apply_prompt(s1 + s2, "STSBenchmark"), 32)
     ref = torch_embedder(model, spec)(batches)
-    res: dict[str, Any] = {"pairs": len(gold), "spearman_ref": sts_score(ref, gold), "seed": args.seed,
+    res: dict[str, Any] = {"set": args.set, "pairs": len(gold), "spearman_ref": sts_score(ref, gold), "seeds": seeds,
                            "massive_channels": massive_channels(model, calib, 16), "rows": []}
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
-    for row in rows:
+    for row, seed in ((r, s) for r in rows for s in seeds):
         t = time.time()
-        m, keep = prepare(model, row, calib, args.seed)
+        m, keep = prepare(model, row, calib, seed)
         with torch.inference_mode():
             exact = float(cos_rows(ref, torch_embedder(m, spec)(batches)).min()) if row.fold and not args.no_float_check \
                 else None
             with w8a8(m, row, keep):
                 cand = torch_embedder(m, spec)(batches)
-        out = {**_row(row.name, ref, cand, gold, time.time() - t), "float_fold_min_cos": exact}
+        out = {**_row(row.name, ref, cand, gold, time.time() - t), "seed": seed, "float_fold_min_cos": exact}
         res["rows"].append(out)
         print(json.dumps(out), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
