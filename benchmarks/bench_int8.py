@@ -2,6 +2,8 @@
 
     python benchmarks/bench_int8.py fidelity [--models minilm,smollm2] [--methods minmax] [--smoothing auto,off]
     python benchmarks/bench_int8.py speed    [--layers 2]        # full-width Mistral, B8 x L128
+    python benchmarks/bench_int8.py widespeed --artifact DIR     # that model's built artifact (DIR = OUT/wide2/artifact):
+        # torch fp32 eager and ORT int8-cpu alternating, one thread, B8xL128 and B1xL32, medians
     python benchmarks/bench_int8.py peer                          # MiniLM vs sentence-transformers' avx512_vnni int8
     python benchmarks/bench_int8.py smollm2 [--artifact DIR] [--levers] [--other-sts]   # real SmolLM2, one thread:
         # the offered int8 forms and the lever table (row8 / rotated / nbits8) on all 1379 STSB test pairs, the W8A8
@@ -254,6 +256,32 @@ def cmd_speed(args) -> dict:
     peak = res["calibrate_worker_peak_rss_mb"] or 0
     res["calibrate_peak_bytes_per_param"] = peak * 2 ** 20 / total_params(args.layers)
     res["calibrate_peak_extrapolated_7b_gib"] = res["calibrate_peak_bytes_per_param"] * 7.24e9 / 2 ** 30
+    return res
+
+
+def cmd_widespeed(args) -> dict:
+    """The full-width Mistral artifact that ``speed`` built (``--artifact``): torch fp32 eager and ORT int8-cpu
+    alternating, one thread, medians, with the int8 GEMM peak of the same run."""
+    import torch
+
+    from sfr_export.artifact import Manifest
+    from sfr_export.runtime import Embedder
+    from sfr_export.runtime.ort_runner import OrtRunner
+
+    if not args.artifact:
+        raise SystemExit("widespeed needs --artifact DIR (the dir `speed` built: OUT/wide2/artifact)")
+    root = Path(args.artifact)
+    man = Manifest.load(root)
+    rec = man.stage("calibrate:int8-cpu")
+    torch.set_num_threads(1)
+    with contextlib.ExitStack() as stack:
+        te = stack.enter_context(Embedder.from_artifact(root, backend="torch"))
+        cpu = stack.enter_context(OrtRunner(man.artifact_path(rec.name, "onnx"), intra_op_threads=1,
+                                            session_config=dict(rec.config["ort_session_config"])))
+        res = time_alternating({"torch fp32 eager": te.runner.infer, "ORT int8-cpu": cpu.infer},
+                               {(8, 128): args.reps, (1, 32): 3 * args.reps})
+    res["gemm_peaks_1thread"] = gemm_peaks(threads=1)
+    res["int8_cpu_chosen"] = rec.figures.get("chosen")
     return res
 
 
@@ -622,7 +650,7 @@ def render_md(what: str, res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["fidelity", "speed", "peer", "smollm2", "all"])
+    ap.add_argument("what", choices=["fidelity", "speed", "widespeed", "peer", "smollm2", "all"])
     ap.add_argument("--artifact", default=None, help="smollm2: a calibrated demo:smollm2 dir (default: build one)")
     ap.add_argument("--levers", nargs="?", const="", default=None, help="smollm2: also the lever variants (row8, "
                     "folded, rotated, nbits8); a value keeps the levers whose label holds one of its comma-separated words "
@@ -638,7 +666,7 @@ def main() -> None:
     ap.add_argument("--no-offered", action="store_true", help="smollm2: leave the artifact's own int8 forms out")
     ap.add_argument("--speed-skip", default="", help="smollm2: comma-separated substrings of variants not to time")
     ap.add_argument("--lever-speed-only", action="store_true", help="smollm2: levers timed, not scored")
-    ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many)")
+    ap.add_argument("--reps", type=int, default=7, help="smollm2: timed runs per shape (B1xL32: 6x as many); widespeed: the same (B1xL32: 3x)")
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--methods", default="minmax")
     ap.add_argument("--smoothing", default="auto,off")
@@ -654,7 +682,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     todo = ["fidelity", "speed", "peer"] if args.what == "all" else [args.what]
     for w in todo:
-        res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "peer": cmd_peer, "smollm2": cmd_smollm2}[w](args)
+        res = {"fidelity": cmd_fidelity, "speed": cmd_speed, "widespeed": cmd_widespeed, "peer": cmd_peer, "smollm2": cmd_smollm2}[w](args)
         (Path(args.out) / f"{w}.json").write_text(json.dumps(res, indent=2, default=str))
         (Path(args.out) / f"{w}.md").write_text(render_md(w, res))
         print(f"== {w}\n" + json.dumps(res, indent=2, default=str), flush=True)
