@@ -62,7 +62,7 @@ def test_int8_fidelity_on_real_weights(model, data_dir, tmp_path_factory):
     assert offered >= 1, [(r.name, r.status, r.reason) for r in recs]
     if model == "demo:smollm2":
         # a real decoder's default CPU form is offered, and it is a fast one: every linear per-token int8 (row8),
-        # none float or per-block (the folded form: 2.3-2.6x torch fp32 at B8 x L128 on a VNNI CPU, docs/int8.md)
+        # none float or per-block (the folded form: 3.0x torch fp32 at B8 x L128 on a VNNI CPU, docs/int8.md)
         cpu = Manifest.load(root).stage("calibrate:int8-cpu")
         assert cpu.status == "ok" and cpu.figures["fidelity"]["modes"] == {"row8": 210}, cpu.figures.get("chosen")
     q = Manifest.load(root).stage("calibrate:int8")
