@@ -270,9 +270,17 @@ def cmd_widespeed(args) -> dict:
 
     if not args.artifact:
         raise SystemExit("widespeed needs --artifact DIR (the dir `speed` built: OUT/wide2/artifact)")
+    from sfr_export.errors import ArtifactError
+
     root = Path(args.artifact)
-    man = Manifest.load(root)
+    try:
+        man = Manifest.load(root)
+    except ArtifactError as exc:
+        raise SystemExit(f"widespeed: {exc}") from None
     rec = man.stage("calibrate:int8-cpu")
+    if rec is None or rec.status != "ok":
+        raise SystemExit(f"widespeed: {root} has no int8-cpu variant the build offered (run `bench_int8.py speed` "
+                         "to build one)")
     torch.set_num_threads(1)
     with contextlib.ExitStack() as stack:
         te = stack.enter_context(Embedder.from_artifact(root, backend="torch"))
